@@ -1,0 +1,96 @@
+"""Check a composed config before any training, so bad input fails fast with one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from saelab.autoencoder import ACTIVATIONS
+from saelab.data import DATASETS, PIXEL_SCALES
+from saelab.errors import ConfigError
+
+STAGES = ("baseline", "pretrain", "probe", "finetune")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def _number(cfg: DictConfig, key: str, path: str, low: float, strict: bool = True,
+            integer: bool = False, high: float | None = None) -> None:
+    value = cfg.get(key)
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if integer:
+        ok = ok and float(value).is_integer()
+    if ok:
+        ok = value > low if strict else value >= low
+        ok = ok and (high is None or value <= high)
+    if not ok:
+        bound = f"{'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high else "")
+        raise ConfigError(f"{path}.{key}", value, f"must be {kind} {bound}")
+
+
+def _choice(cfg: DictConfig, key: str, path: str, allowed) -> None:
+    if cfg.get(key) not in allowed:
+        raise ConfigError(f"{path}.{key}", cfg.get(key), f"allowed: {', '.join(allowed)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first bad key, its value and what is allowed."""
+    data = cfg.data
+    _choice(data, "name", "data", list(DATASETS))
+    _choice(data, "pixels", "data", list(PIXEL_SCALES))
+    classes = list(data.classes) if not isinstance(data.classes, int | str) else None
+    if classes is None or not all(isinstance(c, int) and 0 <= c <= 9 for c in classes):
+        raise ConfigError("data.classes", classes or data.classes,
+                          "must be a list of class indices in 0..9")
+    if len(set(classes)) != len(classes) or len(classes) < 2:
+        raise ConfigError("data.classes", classes, "needs at least 2 distinct classes")
+    _number(data, "val_size", "data", 0, strict=False, integer=True)
+    _number(data, "batch_size", "data", 0, integer=True)
+    for key in ("train_limit", "test_limit"):
+        if data.get(key) is not None:
+            _number(data, key, "data", 0, integer=True)
+    if data.mirror and not Path(data.mirror).expanduser().is_dir():
+        raise ConfigError("data.mirror", data.mirror, "directory does not exist")
+
+    sizes = cfg.model.sizes
+    if isinstance(sizes, int | str) or len(sizes) < 2:
+        raise ConfigError("model.sizes", sizes, "needs at least 2 sizes (input, one hidden)")
+    if not all(isinstance(s, int) and s > 0 for s in sizes):
+        raise ConfigError("model.sizes", list(sizes), "sizes must be positive integers")
+    if sizes[0] != 784:
+        raise ConfigError("model.sizes", list(sizes), "must start at the input size 784 (28x28)")
+    _choice(cfg.model, "activation", "model", list(ACTIVATIONS))
+
+    for name in STAGES:
+        stage = cfg[name]
+        _choice(stage, "optimizer", name, OPTIMIZERS)
+        _number(stage, "lr", name, 0)
+        _number(stage, "batch_size", name, 0, integer=True)
+        _number(stage, "epochs", name, 0, strict=False, integer=True)
+        _number(stage, "momentum", name, 0, strict=False)
+        _number(stage, "weight_decay", name, 0, strict=False)
+        _choice(stage, "schedule", name, ("none", "cosine"))
+        for key in ("patience", "steps_per_epoch"):
+            if stage.get(key) is not None:
+                _number(stage, key, name, 0, integer=True)
+    _number(cfg.finetune, "encoder_lr_scale", "finetune", 0, strict=False)
+
+    pre = cfg.pretrain
+    _choice(pre, "codes", "pretrain", ("activation", "pre_activation"))
+    _choice(pre, "loss", "pretrain", ("mse", "bce"))
+    if pre.loss == "bce" and (cfg.model.activation != "sigmoid" or data.pixels != "zero_one"):
+        raise ConfigError("pretrain.loss", "bce",
+                          "needs model.activation=sigmoid and data.pixels=zero_one")
+    _choice(pre.noise, "kind", "pretrain.noise", ("none", "masking", "gaussian", "salt_pepper"))
+    high = None if pre.noise.kind == "gaussian" else 1.0
+    _number(pre.noise, "level", "pretrain.noise", 0, strict=False, high=high)
+    _choice(pre.sparsity, "kind", "pretrain.sparsity", ("none", "kl", "l1"))
+    _number(pre.sparsity, "weight", "pretrain.sparsity", 0, strict=False)
+    if pre.sparsity.kind == "kl":
+        if cfg.model.activation == "relu":
+            raise ConfigError("pretrain.sparsity.kind", "kl", "needs tanh or sigmoid units")
+        _number(pre.sparsity, "target", "pretrain.sparsity", 0, high=0.999)
+
+    _choice(cfg.trainer, "accelerator", "trainer", ("auto", "cpu", "gpu", "cuda"))
+    _number(cfg.trainer, "steps_per_item", "trainer", 0, strict=False, integer=True)
