@@ -89,7 +89,8 @@ class Run:
                 accelerator=self.cfg.trainer.accelerator, devices=self.cfg.trainer.devices,
                 strategy=self.cfg.trainer.strategy, precision=self.cfg.trainer.precision,
                 max_epochs=stage.cfg.epochs, logger=self.logger, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                log_every_n_steps=1,
                 limit_val_batches=None if len(val) else 0)
             stage.model.train()
             trainer.fit(stage, train_dataloaders=train, val_dataloaders=val)

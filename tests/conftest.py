@@ -1,0 +1,44 @@
+"""Shared fixtures: the offline mirror beside the repo, a private cache, tiny-run overrides."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("SAELAB_MIRROR", str(REPO.parent / "shared" / "data"))
+os.environ.setdefault("SAELAB_CACHE", tempfile.mkdtemp(prefix="saelab-cache-"))
+
+# A real but small run: a few thousand MNIST images, one or two epochs per stage, on the CPU.
+TINY = [
+    "data.train_limit=3000", "data.val_size=500", "data.test_limit=1000",
+    "baseline.epochs=2", "pretrain.epochs=2", "probe.epochs=2", "finetune.epochs=2",
+    "trainer.accelerator=cpu",
+]
+
+
+def compose_cfg(*overrides: str):
+    """The composed Hydra config, as the CLI would build it."""
+    with initialize_config_module("saelab.conf", version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def run_cli(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m saelab` with `overrides`, writing into `run_dir`."""
+    cmd = [sys.executable, "-m", "saelab", *overrides, f"hydra.run.dir={run_dir}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One complete tiny run of the CLI, shared by the tests that read its outputs."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    proc = run_cli(run_dir, *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
