@@ -58,7 +58,7 @@ def hydra_main(cfg: DictConfig) -> float:
         print(f"saelab: stopped: {exc}", file=sys.stderr)
         sys.exit(1)
     print(summary_table(run.metrics, out_dir))
-    return run.metrics["finetune"]["val_acc"]
+    return run.metrics["finetune"].get("val_acc", float("nan"))
 
 
 def main() -> None:

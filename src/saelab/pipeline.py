@@ -48,6 +48,7 @@ def data_device(cfg: DictConfig) -> torch.device:
 # Lightning's start-up chatter (accelerator report, tips) hides the experiment's own log lines.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 logging.getLogger("pytorch_lightning.accelerators.cuda").setLevel(logging.WARNING)
+log = logging.getLogger("saelab")
 
 
 class Run:
@@ -62,6 +63,7 @@ class Run:
         self.autoencoders: list[AutoEncoder] = []
         self.finetuned: nn.Module | None = None
         self.data: Splits | None = None
+        self.loaded: list[str] = []  # stages restored from checkpoints instead of trained
         self.is_main = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
         path = out_dir / "metrics.json"
         self.metrics = json.loads(path.read_text()) if path.exists() else {}
@@ -82,7 +84,9 @@ class Run:
         if ckpt.exists():
             saved = torch.load(ckpt, map_location="cpu", weights_only=True)
             stage.model.load_state_dict(saved["state_dict"])
-            return {"seconds": saved["seconds"], "history": saved["history"], "resumed": True}
+            self.loaded.append(name)
+            log.info("%s: loaded from %s, not retrained", stage.label, ckpt)
+            return {"seconds": saved["seconds"], "history": saved["history"]}
         start = time.perf_counter()
         if stage.cfg.epochs > 0:
             trainer = pl.Trainer(
@@ -174,7 +178,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> Run:
 def summarise(model: nn.Module, data: Splits, fitted: dict) -> dict:
     """A classifier stage's entry in metrics.json."""
     return {**classifier_metrics(model, data), "seconds": fitted["seconds"],
-            "resumed": fitted.get("resumed", False), "history": fitted["history"]}
+            "history": fitted["history"]}
 
 
 @torch.no_grad()
