@@ -17,8 +17,8 @@ os.environ.setdefault("SAELAB_CACHE", tempfile.mkdtemp(prefix="saelab-cache-"))
 
 # A real but small run: a few thousand MNIST images, one or two epochs per stage, on the CPU.
 TINY = [
-    "data.train_limit=3000", "data.val_size=500", "data.test_limit=1000",
-    "baseline.epochs=2", "pretrain.epochs=2", "probe.epochs=2", "finetune.epochs=2",
+    "data.train_limit=3000", "data.val_size=500", "data.test_limit=1000", "data.batch_size=32",
+    "baseline.epochs=2", "pretrain.epochs=3", "probe.epochs=3", "finetune.epochs=2",
     "trainer.accelerator=cpu",
 ]
 

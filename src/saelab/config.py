@@ -12,6 +12,8 @@ from saelab.errors import ConfigError
 
 STAGES = ("baseline", "pretrain", "probe", "finetune")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+# torch.set_float32_matmul_precision: full float32, TF32, bfloat16 (GPU fast path only).
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
 def _number(cfg: DictConfig, key: str, path: str, low: float, strict: bool = True,
@@ -32,6 +34,17 @@ def _number(cfg: DictConfig, key: str, path: str, low: float, strict: bool = Tru
 def _choice(cfg: DictConfig, key: str, path: str, allowed) -> None:
     if cfg.get(key) not in allowed:
         raise ConfigError(f"{path}.{key}", cfg.get(key), f"allowed: {', '.join(allowed)}")
+
+
+def _fast_path(trainer: DictConfig) -> None:
+    """The GPU fast-path keys; configs saved before they existed lack them and keep defaults."""
+    for key in ("cuda_graphs", "compile"):
+        if not isinstance(trainer.get(key, False), bool):
+            raise ConfigError(f"trainer.{key}", trainer.get(key), "must be true or false")
+    precision = trainer.get("matmul_precision", "highest")
+    if precision not in MATMUL_PRECISIONS:
+        raise ConfigError("trainer.matmul_precision", precision,
+                          f"allowed: {', '.join(MATMUL_PRECISIONS)}")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -85,6 +98,13 @@ def validate(cfg: DictConfig) -> None:
     _choice(pre.noise, "kind", "pretrain.noise", ("none", "masking", "gaussian", "salt_pepper"))
     high = None if pre.noise.kind == "gaussian" else 1.0
     _number(pre.noise, "level", "pretrain.noise", 0, strict=False, high=high)
+    levels = pre.noise.get("levels")
+    if levels is not None:
+        if isinstance(levels, int | float | str) or len(levels) != len(sizes) - 1:
+            raise ConfigError("pretrain.noise.levels", levels,
+                              f"must be null or a list of {len(sizes) - 1} levels, one per layer")
+        for i, level in enumerate(levels):
+            _number({str(i): level}, str(i), "pretrain.noise.levels", 0, strict=False, high=high)
     _choice(pre.sparsity, "kind", "pretrain.sparsity", ("none", "kl", "l1"))
     _number(pre.sparsity, "weight", "pretrain.sparsity", 0, strict=False)
     if pre.sparsity.kind == "kl":
@@ -94,3 +114,14 @@ def validate(cfg: DictConfig) -> None:
 
     _choice(cfg.trainer, "accelerator", "trainer", ("auto", "cpu", "gpu", "cuda"))
     _number(cfg.trainer, "steps_per_item", "trainer", 0, strict=False, integer=True)
+    _fast_path(cfg.trainer)
+    # ddp runs the whole pipeline in every process (each stage's Trainer joins the same process
+    # group); ddp_spawn would train in throw-away processes and lose each stage's best weights.
+    _choice(cfg.trainer, "strategy", "trainer", ("auto", "ddp"))
+    if cfg.trainer.strategy == "ddp" and cfg.trainer.steps_per_item != 1:
+        raise ConfigError("trainer.steps_per_item", cfg.trainer.steps_per_item,
+                          "must be 1 with trainer.strategy=ddp (DDP averages the gradients of "
+                          "one forward and backward per Lightning step)")
+    if cfg.trainer.strategy == "auto" and cfg.trainer.devices != 1:
+        raise ConfigError("trainer.devices", cfg.trainer.devices,
+                          "more than one device needs trainer.strategy=ddp (use trainer=ddp)")

@@ -18,12 +18,14 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 import saelab
 from saelab.autoencoder import AutoEncoder, classifier, stack_encoders
 from saelab.data import Minibatches, Splits, load_splits
 from saelab.evaluation import classifier_metrics, encode
+from saelab.fastpath import FastPath
 from saelab.stages import AutoencoderStage, ClassifierStage, EvalBatches, Stage
 
 
@@ -51,22 +53,49 @@ logging.getLogger("pytorch_lightning.accelerators.cuda").setLevel(logging.WARNIN
 log = logging.getLogger("saelab")
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a data-parallel run (or a plain run): the one process that writes files.
+    Lightning's rank covers its own launcher (LOCAL_RANK), torchrun (RANK) and SLURM tasks."""
+    return rank_zero_only.rank == 0
+
+
+def write_metrics(out_dir: Path, metrics: dict) -> None:
+    """Write `out_dir`/metrics.json through a temp file and a rename (never half written)."""
+    tmp = out_dir / f"metrics.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    tmp.replace(out_dir / "metrics.json")
+
+
+def record_error(out_dir: Path, error: str) -> None:
+    """Add `error` to a failed run's metrics.json, keeping the stages it finished."""
+    if not is_main_process():
+        return
+    path = out_dir / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_metrics(out_dir, {**metrics, "error": error})
+
+
 class Run:
     """A run folder: metrics.json (atomic), one checkpoint per stage, one TensorBoard log."""
 
     def __init__(self, cfg: DictConfig, out_dir: Path):
         self.cfg, self.dir = cfg, out_dir
+        self.device = data_device(cfg)
         self.ckpt_dir = out_dir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.logger = TensorBoardLogger(str(out_dir), name="tensorboard", version="",
                                         default_hp_metric=False)
         self.autoencoders: list[AutoEncoder] = []
+        self.probe: nn.Module | None = None
         self.finetuned: nn.Module | None = None
         self.data: Splits | None = None
         self.loaded: list[str] = []  # stages restored from checkpoints instead of trained
-        self.is_main = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
+        self.loaded_s = 0.0  # training time those stages took in the earlier invocation
+        self.is_main = is_main_process()
         path = out_dir / "metrics.json"
         self.metrics = json.loads(path.read_text()) if path.exists() else {}
+        self.metrics.pop("error", None)  # a resumed run starts afresh from its finished stages
         self.metrics.update(version=saelab.__version__, git_commit=git_commit(),
                             seed=cfg.seed, timings=self.metrics.get("timings", {}))
 
@@ -74,9 +103,7 @@ class Run:
         """Merge `sections` into metrics.json, written through a temp file and a rename."""
         self.metrics.update(sections)
         if self.is_main:
-            tmp = self.dir / f"metrics.json.tmp{os.getpid()}"
-            tmp.write_text(json.dumps(self.metrics, indent=2))
-            tmp.replace(self.dir / "metrics.json")
+            write_metrics(self.dir, self.metrics)
 
     def fit(self, name: str, stage: Stage, train: Minibatches, val: EvalBatches) -> dict:
         """Train `stage` (or load its checkpoint when resuming) and return its record."""
@@ -85,7 +112,9 @@ class Run:
             saved = torch.load(ckpt, map_location="cpu", weights_only=True)
             stage.model.load_state_dict(saved["state_dict"])
             self.loaded.append(name)
+            self.loaded_s += saved["seconds"]
             log.info("%s: loaded from %s, not retrained", stage.label, ckpt)
+            stage.model.to(self.device)
             return {"seconds": saved["seconds"], "history": saved["history"]}
         start = time.perf_counter()
         if stage.cfg.epochs > 0:
@@ -94,11 +123,13 @@ class Run:
                 strategy=self.cfg.trainer.strategy, precision=self.cfg.trainer.precision,
                 max_epochs=stage.cfg.epochs, logger=self.logger, enable_checkpointing=False,
                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                log_every_n_steps=1,
+                log_every_n_steps=1, callbacks=[FastPath.from_config(self.cfg.trainer)],
                 limit_val_batches=None if len(val) else 0)
+            train.shard(trainer.global_rank, trainer.world_size)
             stage.model.train()
             trainer.fit(stage, train_dataloaders=train, val_dataloaders=val)
             stage.restore_best()
+        stage.model.to(self.device)  # Lightning's teardown leaves it on the CPU
         record = {"seconds": time.perf_counter() - start, "history": stage.history}
         if self.is_main:
             tmp = ckpt.with_suffix(".tmp")
@@ -113,7 +144,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> Run:
     start = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     run = Run(cfg, out_dir)
-    device = data_device(cfg)
+    device = run.device
     data = run.data = load_splits(cfg.data, cfg.seed, device)
     k, sizes = len(data.classes), list(cfg.model.sizes)
     run.write(data=data.summary(), config=OmegaConf.to_container(cfg, resolve=True))
@@ -137,13 +168,16 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> Run:
     codes = (data.train_x, data.val_x, data.test_x)
     for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True), start=1):
         ae = AutoEncoder(d_in, d_out, cfg.model.activation, cfg.model.tied)
+        levels = cfg.pretrain.noise.get("levels")
         stage = AutoencoderStage(ae, cfg.pretrain, f"pretrain layer {i}", f"pretrain/layer{i}",
-                                 background=data.background if i == 1 else 0.0)
+                                 background=data.background if i == 1 else 0.0,
+                                 noise_level=levels[i - 1] if levels else None)
         fitted = run.fit(f"pretrain_layer{i}", stage, batches(codes[0], None, cfg.pretrain),
                          EvalBatches(codes[1], codes[1]))
         ae.to(device).eval()
         pretrain_s += fitted["seconds"]
-        layers.append({"in": d_in, "out": d_out, **recon_mse(stage, codes),
+        layers.append({"in": d_in, "out": d_out, "noise_level": stage.noise_level,
+                       **recon_mse(stage, codes),
                        "seconds": fitted["seconds"], "history": fitted["history"]})
         autoencoders.append(ae)
         code_fn = ae.encode if cfg.pretrain.codes == "activation" else ae.encoder
@@ -158,7 +192,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> Run:
     head = ClassifierStage(classifier(nn.Identity(), sizes[-1], k), cfg.probe, "probe", "probe")
     fitted = run.fit("probe", head, batches(codes[0], data.train_y, cfg.probe),
                      EvalBatches(codes[1], data.val_y))
-    probe = classifier(stack_encoders(autoencoders), sizes[-1], k).to(device)
+    probe = run.probe = classifier(stack_encoders(autoencoders), sizes[-1], k).to(device)
     probe[1].load_state_dict(head.model[1].state_dict())
     run.write(probe=summarise(probe, data, fitted))
     run.metrics["timings"]["probe_s"] = fitted["seconds"]
@@ -170,7 +204,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> Run:
     run.finetuned = finetune.model.to(device)
     run.write(finetune=summarise(finetune.model, data, fitted))
     run.metrics["timings"].update(finetune_s=fitted["seconds"],
-                                  total_s=time.perf_counter() - start)
+                                  total_s=time.perf_counter() - start + run.loaded_s)
     run.write()
     return run
 

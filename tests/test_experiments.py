@@ -1,0 +1,219 @@
+"""Experiments as configuration: presets, sweeps and their summary, DDP on the CPU, determinism."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from saelab.autoencoder import AutoEncoder, classifier, stack_encoders
+from saelab.config import validate
+from saelab.errors import ConfigError
+from saelab.stages import AutoencoderStage, ClassifierStage
+
+CONF = REPO / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+TRAINERS = sorted(p.stem for p in (CONF / "trainer").glob("*.yaml"))
+# A sweep job small enough to take a few seconds: one hidden layer, one epoch per stage.
+SMALL = ["data.train_limit=600", "data.val_size=200", "data.test_limit=300",
+         "model.sizes=[784,32,9]", "trainer.accelerator=cpu", "visualize.enabled=false",
+         *(f"{stage}.epochs=1" for stage in ("baseline", "pretrain", "probe", "finetune"))]
+
+
+def compose_full(*overrides: str):
+    """The composed config including Hydra's own (sweeper, launcher, mode)."""
+    with initialize_config_module("saelab.conf", version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def multirun(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "saelab", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def read_summary(sweep_dir: Path) -> tuple[list[dict], str]:
+    with (sweep_dir / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return rows, (sweep_dir / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_preset_composes_validates_and_instantiates(name):
+    cfg = compose_full(f"experiment={name}")
+    validate(cfg)
+    sizes, k = list(cfg.model.sizes), len(cfg.data.classes)
+    aes = [AutoEncoder(a, b, cfg.model.activation, cfg.model.tied)
+           for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+    for ae in aes:
+        AutoencoderStage(ae, cfg.pretrain, "pretrain", "pretrain").configure_optimizers()
+    net = classifier(stack_encoders(aes), sizes[-1], k)
+    for stage in ("baseline", "probe", "finetune"):
+        ClassifierStage(net, cfg[stage], stage, stage).configure_optimizers()
+    assert net(torch.zeros(2, 784)).shape == (2, k)
+
+
+@pytest.mark.parametrize("name", ["seed_notebook_binary", "seed_notebook_multiclass"])
+def test_seed_notebook_presets_follow_the_notebook(name):
+    cfg = compose_full(f"experiment={name}")
+    binary = name.endswith("binary")
+    assert list(cfg.data.classes) == ([0, 9] if binary else list(range(10)))
+    assert (cfg.data.pixels, cfg.data.val_size) == ("notebook", 0)
+    assert list(cfg.model.sizes) == [784, 196, 49, 25, 9]
+    assert cfg.pretrain.codes == "pre_activation"
+    expected_lr = {"baseline": 1e-3 if binary else 1e-1, "pretrain": 0.1, "probe": 1e-3,
+                   "finetune": 1e-3}
+    for stage, lr in expected_lr.items():
+        s = cfg[stage]
+        assert (s.optimizer, s.lr, s.momentum, s.batch_size, s.epochs) == ("sgd", lr, 0, 1, 1)
+        assert s.sample_with_replacement and s.schedule == "none"
+        # 1,000 steps for the pixel baseline, as many steps as samples for the others
+        assert s.steps_per_epoch == (1000 if stage == "baseline" else None)
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_trainer_presets_validate(name):
+    validate(compose_full(f"trainer={name}"))
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["trainer=ddp", "trainer.steps_per_item=0"], "trainer.steps_per_item"),
+    (["trainer.devices=2"], "trainer.devices"),
+    (["trainer.strategy=ddp_spawn"], "trainer.strategy"),
+])
+def test_data_parallel_settings_are_checked(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_full(*overrides))
+    assert err.value.key == key
+
+
+def test_optuna_search_maximises_validation_accuracy():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    hydra = compose_full("hparams_search=optuna").hydra
+    assert hydra.mode.name == "MULTIRUN"
+    assert hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert hydra.sweeper.direction == "maximize"
+    assert {"model.sizes", "pretrain.lr", "finetune.lr", "pretrain.epochs",
+            "finetune.epochs"} <= set(hydra.sweeper.params)
+
+
+def test_optuna_search_runs_and_reports_the_best_validation_accuracy(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "search"
+    cmd = [sys.executable, "-m", "saelab", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+           *SMALL, f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, _ = read_summary(sweep)
+    assert len(rows) == 2 and rows[0]["pretrain.lr"] != rows[1]["pretrain.lr"]
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    saved = json.loads((sweep / rows[0]["job"] / "metrics.json").read_text())
+    assert best.best_value == saved["finetune"]["val_acc"] == float(rows[0]["finetune_val_acc"])
+    assert float(best.best_params["pretrain.lr"]) in {  # the best trial (or one tied with it)
+        float(r["pretrain.lr"]) for r in rows if float(r["finetune_val_acc"]) == best.best_value}
+
+
+@pytest.mark.parametrize("launcher, target", [("joblib", "JoblibLauncher"),
+                                              ("slurm", "SlurmLauncher")])
+def test_launcher_configs_compose(launcher, target):
+    pytest.importorskip(f"hydra_plugins.hydra_{'submitit' if launcher == 'slurm' else launcher}"
+                        "_launcher")
+    hydra = compose_full(f"hydra/launcher={launcher}").hydra
+    assert hydra.launcher._target_.endswith(target)
+    if launcher == "slurm":
+        assert (hydra.launcher.gpus_per_node, hydra.launcher.tasks_per_node) == (1, 1)
+
+
+@pytest.fixture(scope="module")
+def sweep_2x1(tmp_path_factory) -> Path:
+    """A real 2x1 multirun: two pretraining learning rates, one fine-tuning learning rate."""
+    sweep = tmp_path_factory.mktemp("sweep") / "2x1"
+    proc = multirun(sweep, *SMALL, "pretrain.lr=1e-3,3e-2", "finetune.lr=3e-3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep
+
+
+def test_multirun_summary_has_one_row_per_job_sorted_by_val_acc(sweep_2x1):
+    sweep = sweep_2x1
+    rows, md = read_summary(sweep)
+    assert sorted(r["pretrain.lr"] for r in rows) == ["0.001", "0.03"]
+    assert {r["finetune.lr"] for r in rows} == {"0.003"}
+    for row in rows:
+        saved = json.loads((sweep / row["job"] / "metrics.json").read_text())
+        assert float(row["finetune_val_acc"]) == saved["finetune"]["val_acc"]
+        assert float(row["probe_test_acc"]) == saved["probe"]["test_acc"]
+        assert float(row["baseline_test_acc"]) == saved["baseline"]["test_acc"]
+        assert float(row["total_s"]) == saved["timings"]["total_s"] and not row["error"]
+    vals = [float(r["finetune_val_acc"]) for r in rows]
+    assert vals == sorted(vals, reverse=True)
+    # markdown: only the varying override is a column, the fixed ones are listed once
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert table[0].split(" | ")[1] == "pretrain.lr" and "finetune.lr" not in table[0]
+    assert "`finetune.lr=0.003`" in md
+    assert [line.split(" | ")[1] for line in table[1:]] == [r["pretrain.lr"] for r in rows]
+
+
+def test_failing_job_is_a_row_and_the_sweep_goes_on(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = multirun(sweep, *SMALL, "finetune.lr=-1,1e-3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, md = read_summary(sweep)
+    assert [r["finetune.lr"] for r in rows] == ["0.001", "-1"]  # the failed job last
+    good, broken = rows
+    assert float(good["finetune_test_acc"]) > 0 and not good["error"]
+    assert broken["error"] == "ConfigError: finetune.lr=-1: must be a number > 0"
+    assert broken["finetune_val_acc"] == "" and broken["job"] == "0"
+    assert json.loads((sweep / "0" / "metrics.json").read_text())["error"] == broken["error"]
+    assert "1 failed" in md and "finetune.lr=-1: must be a number > 0 |" in md
+
+
+def test_ddp_on_cpu_with_two_processes_matches_one_process_with_twice_the_batch(sweep_2x1,
+                                                                              tmp_path):
+    """Two ranks with batch 64 see, step by step, the two halves of the one-process batch of 128
+    and average their gradients: the pixel baseline (initialised before any process group
+    exists, so identically) must come out as in the sweep's job with pretrain.lr=1e-3."""
+    run_dir = tmp_path / "ddp"
+    proc = run_cli(run_dir, "trainer=ddp", "data.batch_size=64", *SMALL, "pretrain.lr=1e-3",
+                   "finetune.lr=3e-3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (run_dir / "train_ddp_process_1.log").read_text()
+    assert proc.stdout.count("stage ") == 1  # only rank 0 reports
+    rows, _ = read_summary(sweep_2x1)
+    single = sweep_2x1 / next(r["job"] for r in rows if r["pretrain.lr"] == "0.001")
+    weights = [torch.load(d / "checkpoints" / "baseline.pt")["state_dict"]
+               for d in (single, run_dir)]
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-6)
+    m, ref = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, single))
+    assert m["baseline"]["test_acc"] == ref["baseline"]["test_acc"]
+    assert m["config"]["trainer"]["strategy"] == "ddp"
+    assert [m["data"][k] for k in ("n_train", "n_val", "n_test")] == [600, 200, 300]
+    assert [len(m[s]["history"]) for s in ("baseline", "probe", "finetune")] == [1, 1, 1]
+    assert all(0 <= m[s][k] <= 1 for s in ("probe", "finetune") for k in ("test_acc", "val_acc"))
+
+
+def test_same_config_and_seed_give_identical_metrics(sweep_2x1, tmp_path):
+    """A single run repeats, in a fresh process, the sweep's job with pretrain.lr=1e-3."""
+    overrides = [*SMALL, "pretrain.lr=1e-3", "finetune.lr=3e-3"]
+    proc = run_cli(tmp_path / "again", *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, _ = read_summary(sweep_2x1)
+    job = next(r["job"] for r in rows if r["pretrain.lr"] == "0.001")
+    first, again = (json.loads((d / "metrics.json").read_text())
+                    for d in (sweep_2x1 / job, tmp_path / "again"))
+    assert first["config"] == again["config"]
+    for stage in ("baseline", "probe", "finetune"):
+        for key in ("test_acc", "val_acc", "confusion_matrix"):
+            assert first[stage][key] == again[stage][key], (stage, key)
+    assert [p["val_recon_mse"] for p in first["pretrain"]] == [
+        p["val_recon_mse"] for p in again["pretrain"]]
+    assert first["version"] and "git_commit" in first
+    saved = (tmp_path / "again" / ".hydra" / "overrides.yaml").read_text()
+    assert saved.count("\n") == len(overrides) and "pretrain.lr=1e-3" in saved

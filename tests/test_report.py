@@ -1,0 +1,141 @@
+"""A tiny run's figures, TensorBoard images and hparams, report.md, and `saelab-report`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import TINY, compose_cfg, run_cli
+from matplotlib.image import imread
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from saelab.errors import ConfigError
+from saelab.report import main, validate_settings
+
+LAYERS = 4  # model.sizes 784-196-49-25-9
+
+
+def expected_figures() -> set[str]:
+    per_layer = {f"{name}.png" for k in range(1, LAYERS + 1) for name in (
+        f"layer{k}_reconstruction", f"features_layer{k}", f"features_layer{k}_actmax",
+        f"features_layer{k}_finetuned_actmax")}
+    return per_layer | {"stack_reconstruction.png", "confusion_matrix.png", "codes_2d.png",
+                        "curves.png"}
+
+
+def report_events(run_dir: Path) -> EventAccumulator:
+    """The report's own event file (images, hparams, final scalars), fully loaded."""
+    (path,) = (run_dir / "tensorboard").glob("events.out.tfevents.*.report")
+    return EventAccumulator(str(path), size_guidance={"images": 0, "scalars": 0}).Reload()
+
+
+def hparams_tags(events: EventAccumulator) -> set[str]:
+    try:
+        return set(events.PluginTagToContent("hparams"))
+    except KeyError:  # no hparams summary in this file
+        return set()
+
+
+def test_tiny_run_leaves_every_figure(tiny_run):
+    pngs = {p.name for p in (tiny_run / "figures").glob("*.png")}
+    assert pngs == expected_figures()
+    panel = imread(tiny_run / "figures" / "layer1_reconstruction.png")
+    assert panel.shape[0] > 500 and panel.shape[2] in (3, 4)  # ten digits, one a row
+
+
+def test_tensorboard_holds_the_images_and_an_hparams_entry_with_the_metrics(tiny_run):
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    events = report_events(tiny_run)
+    tags = set(events.Tags()["images"])
+    assert {f"pretrain/layer{k}/{kind}" for k in range(1, LAYERS + 1)
+            for kind in ("reconstruction", "features", "actmax")} <= tags
+    assert {f"finetune/layer{k}/actmax" for k in range(1, LAYERS + 1)} <= tags
+    assert {"stack/reconstruction", "finetune/confusion_matrix", "codes/pca",
+            "summary/curves"} <= tags
+    assert len(tags) == len(expected_figures())
+
+    assert hparams_tags(events) == {"_hparams_/experiment", "_hparams_/session_start_info",
+                                    "_hparams_/session_end_info"}
+    content = events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/experiment"]).experiment
+    metric_tags = {m.name.tag for m in experiment.metric_infos}
+    assert {"final/baseline_test_acc", "final/probe_test_acc", "final/finetune_test_acc",
+            "final/finetune_val_acc", "final/layer4_test_recon_mse"} <= metric_tags
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/session_start_info"]).session_start_info.hparams
+    assert hparams["pretrain.epochs"].number_value == metrics["config"]["pretrain"]["epochs"]
+    assert hparams["model.sizes"].string_value == "[784, 196, 49, 25, 9]"
+    others = [EventAccumulator(str(p)).Reload()
+              for p in (tiny_run / "tensorboard").glob("events.out.tfevents.*[0-9]")]
+    assert others and all("hp_metric" not in e.Tags()["scalars"] and not hparams_tags(e)
+                          for e in others)  # the report's entry is the run's only one
+    for stage in ("baseline", "probe", "finetune"):
+        (value,) = events.Scalars(f"final/{stage}_test_acc")
+        assert value.value == pytest.approx(metrics[stage]["test_acc"], abs=1e-6)
+    (mse,) = events.Scalars("final/layer2_val_recon_mse")
+    assert mse.value == pytest.approx(metrics["pretrain"][1]["val_recon_mse"], rel=1e-6)
+    assert list((tiny_run / "tensorboard").glob("*/codes%2ffinetuned/sprite.png"))
+
+
+def test_report_md_embeds_every_figure_and_states_the_overrides(tiny_run):
+    text = (tiny_run / "report.md").read_text()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert {Path(p).name for p in linked} == expected_figures()
+    assert all((tiny_run / p).is_file() for p in linked)
+    for override in TINY:
+        assert override in text
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert f"{metrics['finetune']['test_acc']:.2%}" in text
+
+
+def test_saelab_report_rebuilds_a_finished_run_without_training(tiny_run, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    shutil.rmtree(run_dir / "figures")
+    (run_dir / "report.md").unlink()
+    checkpoints = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+    with caplog.at_level(logging.INFO, logger="saelab"):
+        main([str(run_dir)])
+    assert {p.name for p in (run_dir / "figures").glob("*.png")} == expected_figures()
+    assert (run_dir / "report.md").is_file()
+    assert len(list((run_dir / "tensorboard").glob("*.report"))) == 1  # replaced, not added
+    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == checkpoints
+    assert sum("not retrained" in r.message for r in caplog.records) == 7  # every stage loaded
+
+
+def test_saelab_report_refuses_a_folder_that_is_not_a_finished_run(tiny_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("saelab-report: error: RUN_DIR=")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(tiny_run / ".hydra", unfinished / ".hydra")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(unfinished)])
+    assert exit_.value.code == 2 and "not a finished run" in capsys.readouterr().err
+    assert not (unfinished / "checkpoints").exists()  # refused before anything ran
+
+
+def test_bad_visualize_settings_fail_before_training(tmp_path):
+    proc = run_cli(tmp_path / "run", *TINY, "visualize.samples=[3,-1]", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("saelab: error: visualize.samples=")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("visualize.samples=[]", "visualize.samples"), ("visualize.samples=4", "visualize.samples"),
+    ("visualize.actmax.norm=0", "visualize.actmax.norm"),
+    ("visualize.actmax.steps=1.5", "visualize.actmax.steps"),
+    ("visualize.embedding_points=-1", "visualize.embedding_points"),
+    ("visualize.enabled=maybe", "visualize.enabled")])
+def test_validate_settings_names_the_bad_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}="):
+        validate_settings(compose_cfg(override))
+    validate_settings(compose_cfg())
