@@ -176,8 +176,14 @@ class AutoencoderStage(Stage):
                  noise_level: float | None = None):
         super().__init__(model, cfg, label, tag)
         self.background = background
-        self.noise_level = cfg.noise.level if noise_level is None else noise_level
         self.code_low = -1.0 if isinstance(model.activation, nn.Tanh) else 0.0
+        # Plain Python copies of the settings the loss reads at every step (a config lookup
+        # costs microseconds, as much as a small layer's forward pass).
+        self.noise_kind = cfg.noise.kind
+        self.noise_level = cfg.noise.level if noise_level is None else noise_level
+        self.bce = cfg.loss == "bce"
+        self.sparsity_kind = cfg.sparsity.kind
+        self.sparsity_weight, self.sparsity_target = cfg.sparsity.weight, cfg.sparsity.target
 
     def reconstruction_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         codes = self.model.encode(x)
@@ -185,20 +191,20 @@ class AutoencoderStage(Stage):
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         out = self.reconstruction_logits(x)[1]
-        return torch.sigmoid(out) if self.cfg.loss == "bce" else out
+        return torch.sigmoid(out) if self.bce else out
 
     def loss(self, x: torch.Tensor, _y=None) -> torch.Tensor:
-        noisy = corrupt(x, self.cfg.noise.kind, self.noise_level, self.background)
+        noisy = corrupt(x, self.noise_kind, self.noise_level, self.background)
         codes, out = self.reconstruction_logits(noisy)
-        if self.cfg.loss == "bce":
+        if self.bce:
             loss = F.binary_cross_entropy_with_logits(out, x, reduction="sum") / len(x)
         else:
             loss = F.mse_loss(out, x)
-        sparsity = self.cfg.sparsity
-        if sparsity.kind == "kl":
-            loss = loss + sparsity.weight * kl_sparsity(codes, sparsity.target, self.code_low)
-        elif sparsity.kind == "l1":
-            loss = loss + sparsity.weight * codes.abs().mean()
+        if self.sparsity_kind == "kl":
+            loss = loss + self.sparsity_weight * kl_sparsity(codes, self.sparsity_target,
+                                                             self.code_low)
+        elif self.sparsity_kind == "l1":
+            loss = loss + self.sparsity_weight * codes.abs().mean()
         return loss
 
     @torch.no_grad()
