@@ -159,8 +159,8 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> Run:
                                "baseline", "baseline")
     fitted = run.fit("baseline", baseline, batches(data.train_x, data.train_y, cfg.baseline),
                      EvalBatches(data.val_x, data.val_y))
-    run.write(baseline=summarise(baseline.model, data, fitted))
     run.metrics["timings"]["baseline_s"] = fitted["seconds"]
+    run.write(baseline=summarise(baseline.model, data, fitted))
 
     # 2. Greedy layer-wise pretraining: each autoencoder learns the codes of the layer below,
     #    computed once per layer.
@@ -174,7 +174,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> Run:
                                  noise_level=levels[i - 1] if levels else None)
         fitted = run.fit(f"pretrain_layer{i}", stage, batches(codes[0], None, cfg.pretrain),
                          EvalBatches(codes[1], codes[1]))
-        ae.to(device).eval()
+        ae.eval()
         pretrain_s += fitted["seconds"]
         layers.append({"in": d_in, "out": d_out, "noise_level": stage.noise_level,
                        **recon_mse(stage, codes),
@@ -194,18 +194,17 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> Run:
                      EvalBatches(codes[1], data.val_y))
     probe = run.probe = classifier(stack_encoders(autoencoders), sizes[-1], k).to(device)
     probe[1].load_state_dict(head.model[1].state_dict())
-    run.write(probe=summarise(probe, data, fitted))
     run.metrics["timings"]["probe_s"] = fitted["seconds"]
+    run.write(probe=summarise(probe, data, fitted))
 
     # 4. Fine-tuning: the whole stack and head, end to end, with cross-entropy.
     finetune = ClassifierStage(copy.deepcopy(probe), cfg.finetune, "finetune", "finetune")
     fitted = run.fit("finetune", finetune, batches(data.train_x, data.train_y, cfg.finetune),
                      EvalBatches(data.val_x, data.val_y))
-    run.finetuned = finetune.model.to(device)
-    run.write(finetune=summarise(finetune.model, data, fitted))
+    run.finetuned = finetune.model
     run.metrics["timings"].update(finetune_s=fitted["seconds"],
                                   total_s=time.perf_counter() - start + run.loaded_s)
-    run.write()
+    run.write(finetune=summarise(finetune.model, data, fitted))
     return run
 
 
