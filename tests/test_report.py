@@ -14,8 +14,9 @@ from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from saelab.config import validate
 from saelab.errors import ConfigError
-from saelab.report import main, validate_settings
+from saelab.report import main
 
 LAYERS = 4  # model.sizes 784-196-49-25-9
 
@@ -137,5 +138,5 @@ def test_bad_visualize_settings_fail_before_training(tmp_path):
     ("visualize.enabled=maybe", "visualize.enabled")])
 def test_validate_settings_names_the_bad_key(override, key):
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}="):
-        validate_settings(compose_cfg(override))
-    validate_settings(compose_cfg())
+        validate(compose_cfg(override))
+    validate(compose_cfg())

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from saelab.config import validate
+from saelab.config import validate, visualize_settings
 from saelab.errors import ConfigError, NonFiniteLossError
 
 log = logging.getLogger("saelab")
@@ -82,13 +82,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
     """Run one experiment and return the fine-tuned validation accuracy (a sweep's objective;
     None without a validation split)."""
     from saelab.pipeline import run_experiment  # heavy imports after argument parsing
-    from saelab.report import build_report, validate_settings, visualize_settings
+    from saelab.report import build_report
 
     try:
         cfg, out_dir = resolve_resume(cfg)
         validate(cfg)
         check_launch(cfg)
-        validate_settings(cfg)
         run = run_experiment(cfg, out_dir)
         if run.is_main and visualize_settings(cfg).enabled:
             build_report(run)

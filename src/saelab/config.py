@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from saelab.autoencoder import ACTIVATIONS
 from saelab.data import DATASETS, PIXEL_SCALES
@@ -125,3 +126,26 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.strategy == "auto" and cfg.trainer.devices != 1:
         raise ConfigError("trainer.devices", cfg.trainer.devices,
                           "more than one device needs trainer.strategy=ddp (use trainer=ddp)")
+    _visualize(visualize_settings(cfg))
+
+
+def visualize_settings(cfg: DictConfig) -> DictConfig:
+    """The run's `visualize` group, or the packaged default for runs saved before it existed."""
+    if "visualize" in cfg:
+        return cfg.visualize
+    return OmegaConf.load(files("saelab.conf") / "visualize" / "default.yaml")
+
+
+def _visualize(settings: DictConfig) -> None:
+    """The figure settings (`visualize` group)."""
+    if not isinstance(settings.enabled, bool):
+        raise ConfigError("visualize.enabled", settings.enabled, "must be true or false")
+    samples = settings.samples
+    if samples is not None and (isinstance(samples, int | str) or not samples or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in samples)):
+        raise ConfigError("visualize.samples", samples,
+                          "must be null or a non-empty list of test-set indices >= 0")
+    _number(settings.actmax, "steps", "visualize.actmax", 0, integer=True)
+    _number(settings.actmax, "lr", "visualize.actmax", 0)
+    _number(settings.actmax, "norm", "visualize.actmax", 0)
+    _number(settings, "embedding_points", "visualize", 0, strict=False, integer=True)

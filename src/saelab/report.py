@@ -16,7 +16,6 @@ import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from torch.utils.tensorboard.summary import hparams
 
 from saelab import visualize as vis
 from saelab.autoencoder import stack_encoders
-from saelab.config import _number
+from saelab.config import visualize_settings
 from saelab.errors import ConfigError
 from saelab.evaluation import encode
 from saelab.stages import AutoencoderStage
@@ -55,29 +54,6 @@ class Picture:
     tag: str
     caption: str
     figure: Figure | None = None
-
-
-def visualize_settings(cfg: DictConfig) -> DictConfig:
-    """The run's `visualize` group, or the packaged default for runs saved before it existed."""
-    if "visualize" in cfg:
-        return cfg.visualize
-    return OmegaConf.load(files("saelab.conf") / "visualize" / "default.yaml")
-
-
-def validate_settings(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the first bad `visualize` key, its value and what is allowed."""
-    settings = visualize_settings(cfg)
-    if not isinstance(settings.enabled, bool):
-        raise ConfigError("visualize.enabled", settings.enabled, "must be true or false")
-    samples = settings.samples
-    if samples is not None and (isinstance(samples, int | str) or not samples or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in samples)):
-        raise ConfigError("visualize.samples", samples,
-                          "must be null or a non-empty list of test-set indices >= 0")
-    _number(settings.actmax, "steps", "visualize.actmax", 0, integer=True)
-    _number(settings.actmax, "lr", "visualize.actmax", 0)
-    _number(settings.actmax, "norm", "visualize.actmax", 0)
-    _number(settings, "embedding_points", "visualize", 0, strict=False, integer=True)
 
 
 def sample_indices(labels: torch.Tensor, samples) -> list[int]:
@@ -328,7 +304,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg, run_dir = load_run_config(args.run_dir, "RUN_DIR")
         validate(cfg)
-        validate_settings(cfg)
         if not (run_dir / "checkpoints" / "finetune.pt").is_file():
             raise ConfigError("RUN_DIR", args.run_dir, "is not a finished run (no "
                               "checkpoints/finetune.pt); finish it with saelab resume=RUN_DIR")
