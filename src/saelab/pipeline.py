@@ -24,7 +24,7 @@ from torch import nn
 import saelab
 from saelab.autoencoder import AutoEncoder, classifier, stack_encoders
 from saelab.data import Minibatches, Splits, load_splits
-from saelab.evaluation import classifier_metrics, encode
+from saelab.evaluation import CHUNK, classifier_metrics, encode
 from saelab.fastpath import FastPath
 from saelab.stages import AutoencoderStage, ClassifierStage, EvalBatches, Stage
 
@@ -87,6 +87,7 @@ class Run:
         self.logger = TensorBoardLogger(str(out_dir), name="tensorboard", version="",
                                         default_hp_metric=False)
         self.autoencoders: list[AutoEncoder] = []
+        self.baseline: nn.Module | None = None
         self.probe: nn.Module | None = None
         self.finetuned: nn.Module | None = None
         self.data: Splits | None = None
@@ -159,6 +160,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> Run:
                                "baseline", "baseline")
     fitted = run.fit("baseline", baseline, batches(data.train_x, data.train_y, cfg.baseline),
                      EvalBatches(data.val_x, data.val_y))
+    run.baseline = baseline.model
     run.metrics["timings"]["baseline_s"] = fitted["seconds"]
     run.write(baseline=summarise(baseline.model, data, fitted))
 
@@ -221,6 +223,6 @@ def recon_mse(stage: AutoencoderStage, codes: tuple) -> dict:
     out = {}
     for name, x in zip(names, codes, strict=True):
         if len(x):
-            err = sum(float((stage.reconstruct(p) - p).pow(2).sum()) for p in x.split(10_000))
-            out[name] = err / x.numel()
+            errors, counts = zip(*(stage.evaluate(part) for part in x.split(CHUNK)), strict=True)
+            out[name] = sum(map(float, errors)) / sum(map(float, counts))
     return out

@@ -17,10 +17,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from omegaconf import DictConfig
 
-from saelab.autoencoder import classifier
 from saelab.config import validate
 from saelab.data import PIXEL_SCALES
 from saelab.errors import ConfigError
@@ -56,13 +54,10 @@ def describe(cfg: DictConfig) -> str:
 def load_run(run_dir: Path, accelerator: str):
     """The run rebuilt from its checkpoints by `run_experiment`, in a scratch copy so that the
     finished run folder is left untouched."""
+    from saelab.cli import load_run_config
     from saelab.pipeline import run_experiment  # heavy imports after argument parsing
 
-    saved = run_dir / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError("RUN_DIR", str(run_dir),
-                          "must be a run folder holding .hydra/config.yaml")
-    cfg = OmegaConf.load(saved)
+    cfg, run_dir = load_run_config(str(run_dir), "RUN_DIR")
     stages = ["baseline", *(f"pretrain_layer{i}" for i in range(1, len(cfg.model.sizes))),
               "probe", "finetune"]
     missing = [s for s in stages if not (run_dir / "checkpoints" / f"{s}.pt").is_file()]
@@ -76,15 +71,6 @@ def load_run(run_dir: Path, accelerator: str):
         return cfg, run_experiment(cfg, Path(scratch))
 
 
-def pixel_baseline(run_dir: Path, n_classes: int, device: torch.device) -> nn.Module:
-    """The run's softmax regression on pixels, from `checkpoints/baseline.pt`."""
-    model = classifier(nn.Identity(), 28 * 28, n_classes)
-    saved = torch.load(run_dir / "checkpoints" / "baseline.pt", map_location="cpu",
-                       weights_only=True)
-    model.load_state_dict(saved["state_dict"])
-    return model.to(device)
-
-
 def measure(run_dirs: list[Path], accelerator: str = "auto") -> list[dict]:
     """One row per model, noise kind and level: the test accuracy on the corrupted test set."""
     rows, labels = [], set()
@@ -96,8 +82,7 @@ def measure(run_dirs: list[Path], accelerator: str = "auto") -> list[dict]:
             first_test_y = data.test_y.cpu()
         elif not torch.equal(first_test_y, data.test_y.cpu()):
             raise ConfigError("RUN_DIR", str(run_dir), "must share the first run's test set")
-        models = [("pixel baseline", pixel_baseline(run_dir, len(data.classes),
-                                                    data.test_x.device))] if i == 0 else []
+        models = [("pixel baseline", run.baseline)] if i == 0 else []
         label = describe(cfg)
         models.append((f"{label} [{run_dir.name}]" if label in labels else label, run.finetuned))
         labels.add(label)

@@ -18,9 +18,9 @@ from torch.nn import functional as F
 
 from saelab.autoencoder import AutoEncoder
 from saelab.errors import NonFiniteLossError
+from saelab.evaluation import CHUNK
 from saelab.fastpath import StepLoop
 
-EVAL_CHUNK = 10_000
 log = logging.getLogger("saelab")
 
 
@@ -249,7 +249,7 @@ class EvalBatches:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
         # An empty split (no validation set) must give no chunks, not one empty chunk.
-        pairs = zip(x.split(EVAL_CHUNK), y.split(EVAL_CHUNK), strict=True)
+        pairs = zip(x.split(CHUNK), y.split(CHUNK), strict=True)
         self.chunks = list(pairs) if len(x) else []
 
     def __len__(self) -> int:
