@@ -12,7 +12,10 @@ import pytest
 from hydra import compose, initialize_config_module
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("SAELAB_MIRROR", str(REPO.parent / "shared" / "data"))
+# Absolute, so that symlinks into it and subprocesses started elsewhere find it: the README's test
+# command gives it relative to the repository root (`SAELAB_MIRROR=../shared/data pytest`).
+os.environ["SAELAB_MIRROR"] = str(Path(os.environ.get("SAELAB_MIRROR",
+                                                      REPO.parent / "shared" / "data")).resolve())
 os.environ.setdefault("SAELAB_CACHE", tempfile.mkdtemp(prefix="saelab-cache-"))
 
 # A real but small run: a few thousand MNIST images, one or two epochs per stage, on the CPU.
