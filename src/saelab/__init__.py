@@ -1,3 +1,27 @@
-"""saelab: config-driven experiments with greedy layer-wise stacked autoencoders."""
+"""saelab: config-driven experiments with greedy layer-wise stacked autoencoders.
 
-__version__ = "0.1.0"
+The Python API (imported lazily, so that the command line starts without torch):
+
+    saelab.compose(overrides)         the validated config of a run
+    saelab.run(overrides, run_dir)    a run, exactly as `saelab overrides` does it; its metrics
+    saelab.load_run(run_dir)          a finished run, read only: config, metrics, networks
+"""
+
+__version__ = "0.2.0"
+__all__ = ["compose", "load_run", "run"]
+
+
+def __getattr__(name: str):
+    if name == "compose":
+        from saelab.config import compose
+
+        return compose
+    if name == "run":
+        from saelab.api import run
+
+        return run
+    if name == "load_run":
+        from saelab.loader import load_run
+
+        return load_run
+    raise AttributeError(f"module 'saelab' has no attribute {name!r}")

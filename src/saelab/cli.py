@@ -1,54 +1,150 @@
-"""Command line: `saelab [overrides]` composes the Hydra config and runs the experiment."""
+"""The command line: `saelab [overrides] [-m]`.
+
+Before Hydra starts anything (a folder, a log, a job), the front door composes the config of every
+job through Hydra's Compose API (a basic sweep expanded into its jobs; for an Optuna search each
+choice and both ends of each interval), checks it, and resolves `resume=RUN_DIR`. A bad value, an
+unknown key or preset, a missing plugin: one line naming the key, the value and what is allowed,
+exit 2, nothing left behind. Only then does Hydra run the jobs, in `hydra_main`. Nothing here
+imports torch before a job starts, so `--help`, `--cfg job` and shell completion answer at once.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from saelab.config import validate, visualize_settings
-from saelab.errors import ConfigError, NonFiniteLossError
+from saelab import __version__
+from saelab.config import compose_raw, job_config, resumed_config, validate
+from saelab.errors import ConfigError, Interrupted, NonFiniteLossError
+from saelab.schema import Strategy, register
+from saelab.signals import STOP
 
 log = logging.getLogger("saelab")
+STARTED = time.perf_counter()  # about when the command started: the table's start-up row
+
+# Third-party chatter a run would print, silenced narrowly (by message and category/logger).
+QUIET_WARNINGS = [(r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)]
+QUIET_LOGGERS = ("pytorch_lightning.trainer.connectors.signal_connector",)
 
 
-def load_run_config(run_dir: str, key: str) -> tuple[DictConfig, Path]:
-    """The saved config and resolved folder of an existing run; `key` names the setting that
-    pointed there, for the error message."""
-    path = Path(run_dir).expanduser().resolve()
-    saved = path / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError(key, run_dir, "must be a run folder holding .hydra/config.yaml")
-    return OmegaConf.load(saved), path
+def quiet() -> None:
+    for message, category in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def resolve_resume(cfg: DictConfig) -> tuple[DictConfig, Path]:
-    """The config and folder of the run to continue, or of a new run."""
-    if not cfg.resume:
-        return cfg, Path(HydraConfig.get().runtime.output_dir)
-    saved, run_dir = load_run_config(cfg.resume, "resume")
-    log.info("resuming %s with its saved config", run_dir)
-    return saved, run_dir
+# ---------------------------------------------------------------------------------------------
+# The front door
 
 
-def summary_table(metrics: dict, out_dir: Path) -> str:
-    """Baseline / probe / fine-tuned accuracies and where the outputs are."""
-    data = metrics["data"]
-    lines = [f"saelab: {data['name']} classes {data['classes']} "
-             f"({data['n_train']} train / {data['n_val']} val / {data['n_test']} test, "
-             f"source {data['source']})",
-             f"{'stage':<12}{'test acc':>10}{'val acc':>10}{'time':>9}"]
-    for stage in ("baseline", "probe", "finetune"):
-        m = metrics[stage]
-        val = f"{m['val_acc']:.2%}" if "val_acc" in m else "-"
-        lines.append(f"{stage:<12}{m['test_acc']:>10.2%}{val:>10}{m['seconds']:>8.1f}s")
-    lines.append(f"total {metrics['timings']['total_s']:.1f}s; outputs in {out_dir}")
-    return "\n".join(lines)
+def is_data_parallel_child() -> bool:
+    """A data-parallel rank above 0, which Lightning starts by re-running this command line: the
+    parent has checked it, and it writes nothing."""
+    return any(os.environ.get(v, "0") != "0" for v in ("LOCAL_RANK", "RANK"))
+
+
+def override_text(key: str, value) -> str:
+    """`key=value` in Hydra's override grammar (lists as [a,b], strings quoted when needed)."""
+    if isinstance(value, list | tuple):
+        return f"{key}=[{','.join(override_text('', v)[1:] for v in value)}]"
+    if isinstance(value, str) and not value.replace("_", "").replace(".", "").isalnum():
+        return f"{key}={json.dumps(value)}"
+    return f"{key}={value}"
+
+
+def sweep_jobs(cfg: DictConfig, overrides: list[str]) -> list[list[str]]:
+    """The overrides of every job of a sweep to check: a basic sweep's jobs; for the Optuna
+    sweeper, each choice and both ends of each interval or range, one parameter at a time."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    sweeper = str(cfg.hydra.sweeper.get("_target_", ""))
+    if "optuna" not in sweeper.lower():
+        return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    params = {k: str(v) for k, v in (cfg.hydra.sweeper.get("params") or {}).items()}
+    params |= {o.key_or_group: o.input_line.split("=", 1)[1] for o in parsed
+               if o.is_sweep_override()}
+    jobs = [fixed]
+    for key, spec in params.items():
+        (o,) = parser.parse_overrides([f"{key}={spec}"])
+        if not o.is_sweep_override():
+            jobs.append([*fixed, o.input_line])
+            continue
+        sweep = o.value()
+        if hasattr(sweep, "start") and not hasattr(sweep, "step"):  # an interval: its two ends
+            cast = int if "int" in sweep.tags else float
+            values = [cast(sweep.start), cast(sweep.end)]
+        else:
+            values = list(o.sweep_iterator())
+            values = values if hasattr(sweep, "list") else values[:1] + values[-1:]
+        jobs += [[*fixed, override_text(key, v)] for v in values]
+    return jobs
+
+
+def front_door(multirun: bool, overrides: list[str]) -> list[str]:
+    """Check every job's config; return the overrides to hand Hydra (a resumed run's folder
+    pinned with `hydra.run.dir`). Raises ConfigError."""
+    cfg = compose_raw(overrides, hydra=True)
+    multirun = multirun or cfg.hydra.mode == RunMode.MULTIRUN
+    if not multirun:
+        if cfg.resume is not None:
+            resumed_config(cfg.resume, overrides)
+            return [*overrides, f"hydra.run.dir={Path(cfg.resume).expanduser().resolve()}"]
+        validate(cfg)
+        return overrides
+    if cfg.resume is not None:
+        raise ConfigError("resume", cfg.resume, "continues one run: not in a multirun (-m)")
+    for job in sweep_jobs(cfg, overrides):
+        job_cfg = compose_raw(job)
+        validate(job_cfg)
+        if job_cfg.trainer.strategy == Strategy.ddp:
+            # Lightning starts ranks > 0 by re-running the command line, which would be a sweep.
+            raise ConfigError("trainer.strategy", "ddp", "runs in single runs only, not in a "
+                              "multirun (-m): Lightning re-launches the command line per rank")
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`saelab`: check at the front door, then run through Hydra."""
+    from hydra._internal.utils import get_args_parser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--version" in argv:
+        print(f"saelab {__version__}")
+        return
+    register()
+    args = get_args_parser().parse_args(argv)
+    if not (args.help or args.hydra_help or args.shell_completion or args.info
+            or is_data_parallel_child()):
+        try:
+            checked = front_door(args.multirun, args.overrides)
+        except ConfigError as exc:
+            print(f"saelab: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        argv = [a for a in argv if a not in args.overrides] + checked
+    quiet()
+    sys.argv = [sys.argv[0], *argv]
+    hydra_main()
+    if STOP.signum is not None:  # a sweep stopped by a signal: its summary is written
+        sys.exit(128 + STOP.signum)
+
+
+# ---------------------------------------------------------------------------------------------
+# A job
 
 
 def in_multirun() -> bool:
@@ -56,54 +152,59 @@ def in_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def fail(exc: Exception, what: str, code: int) -> None:
-    """A failed run: one line and exit `code`. In a multirun the sweep goes on: the error is
-    recorded in the job's metrics.json (a row of the sweep summary) and the job returns None,
-    which the Optuna sweeper records as a failed trial (NaN would crash optuna 2's `tell`)."""
-    print(f"saelab: {what}: {exc}", file=sys.stderr)
-    if not in_multirun():
-        sys.exit(code)
-    from saelab.pipeline import record_error
-
-    record_error(Path(HydraConfig.get().runtime.output_dir), f"{type(exc).__name__}: {exc}")
-
-
-def check_launch(cfg: DictConfig) -> None:
-    """Lightning's ddp starts ranks > 0 by re-running this command line, which a multirun (-m)
-    would turn into a second sweep: ddp is for single runs."""
-    if in_multirun() and cfg.trainer.strategy == "ddp":
-        raise ConfigError("trainer.strategy", "ddp",
-                          "runs in single runs only, not in a multirun (-m): Lightning re-launches "
-                          "the command line for every rank")
-
-
 @hydra.main(version_base="1.3", config_path="pkg://saelab.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
-    """Run one experiment and return the fine-tuned validation accuracy (a sweep's objective;
-    None without a validation split)."""
-    from saelab.pipeline import run_experiment  # heavy imports after argument parsing
-    from saelab.report import build_report
-
+    """Run one job and return the fine-tuned validation accuracy (a sweep's objective; None
+    without a validation split or when the job failed)."""
+    start = STARTED if not in_multirun() else time.perf_counter()
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    if STOP.signum is not None:  # a sweep after a stop request: the remaining jobs do not run
+        skip_job(run_dir)
+        return None
     try:
-        cfg, out_dir = resolve_resume(cfg)
-        validate(cfg)
-        check_launch(cfg)
-        run = run_experiment(cfg, out_dir)
-        if run.is_main and visualize_settings(cfg).enabled:
-            build_report(run)
+        cfg, overrides = job_config(list(hc.overrides.task), cfg)
+        log.info("saelab %s: starting in %s (loading PyTorch)", __version__, run_dir)
+        from saelab.app import execute  # heavy imports, once the config is known to be good
+        from saelab.pipeline import Laps
+
+        laps = Laps(start)
+        laps.lap("startup")
+        metrics = execute(cfg, run_dir, overrides, laps)
     except ConfigError as exc:
         return fail(exc, "error", 2)
     except NonFiniteLossError as exc:
         return fail(exc, "stopped", 1)
+    except Interrupted as exc:
+        print(f"saelab: stopped by signal {exc.signum}: finished stages kept in {run_dir}; "
+              f"continue with: saelab resume={run_dir}", file=sys.stderr)
+        if not in_multirun():
+            sys.exit(exc.exit_code)
+        return None
     except Exception as exc:
         if not in_multirun():
             raise
         log.exception("job failed")
         return fail(exc, "failed", 1)
-    if run.is_main:
-        print(summary_table(run.metrics, out_dir))
-    return run.metrics["finetune"].get("val_acc")
+    return metrics["finetune"].get("val_acc")
 
 
-def main() -> None:
-    hydra_main()
+def fail(exc: Exception, what: str, code: int) -> None:
+    """A failed job: one line and exit `code`. In a multirun the sweep goes on (the error is in
+    the job's metrics.json, a row of the sweep summary) and the job returns None, which the
+    Optuna sweeper records as a failed trial (NaN would crash optuna 2's `tell`)."""
+    print(f"saelab: {what}: {exc}", file=sys.stderr)
+    if not in_multirun():
+        sys.exit(code)
+
+
+def skip_job(run_dir: Path) -> None:
+    """Remove the folder Hydra made for a job that will not run (only its empty log)."""
+    log_file = run_dir / f"{HydraConfig.get().job.name}.log"
+    if run_dir.is_dir() and all(p == log_file for p in run_dir.iterdir()) and (
+            not log_file.exists() or not log_file.stat().st_size):
+        for handler in logging.getLogger().handlers:
+            if getattr(handler, "baseFilename", None) == str(log_file):
+                handler.close()
+        log_file.unlink(missing_ok=True)
+        run_dir.rmdir()

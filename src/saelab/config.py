@@ -1,151 +1,337 @@
-"""Check a composed config before any training, so bad input fails fast with one clear line."""
+"""Composing a config and checking it: the ranges declared in the schema, the rules that tie keys
+together, configs saved by earlier versions, and the config of a run being resumed.
+
+Everything here runs before any heavy import, so that bad input fails at once with one line:
+`ConfigError(key, value, allowed)`, printed as `saelab: error: key=value: allowed` (exit 2).
+"""
 
 from __future__ import annotations
 
-from importlib.resources import files
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from saelab.autoencoder import ACTIVATIONS
-from saelab.data import DATASETS, PIXEL_SCALES
+from saelab import datasets
 from saelab.errors import ConfigError
+from saelab.schema import (
+    BOUND_TEXT,
+    PRECISIONS,
+    Activation,
+    Config,
+    Noise,
+    Pixels,
+    ReconLoss,
+    Sparsity,
+    Strategy,
+    leaves,
+    register,
+)
 
-STAGES = ("baseline", "pretrain", "probe", "finetune")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-# torch.set_float32_matmul_precision: full float32, TF32, bfloat16 (GPU fast path only).
-MATMUL_PRECISIONS = ("highest", "high", "medium")
+CONFIG_MODULE = "saelab.conf"
+# Keys that moved since a config was saved (old dotted key -> new one), applied when a saved
+# config is loaded; keys it lacks take the schema's defaults.
+MOVED = {
+    "trainer.steps_per_item": "fastpath.steps_per_item",
+    "trainer.cuda_graphs": "fastpath.cuda_graphs",
+    "trainer.compile": "fastpath.compile",
+    "trainer.matmul_precision": "fastpath.matmul_precision",
+}
+# Config groups whose options are files in conf/ (a `group=option` override).
+GROUPS = ("data", "trainer", "logger", "experiment", "hparams_search")
 
 
-def _number(cfg: DictConfig, key: str, path: str, low: float, strict: bool = True,
-            integer: bool = False, high: float | None = None) -> None:
-    value = cfg.get(key)
-    kind = "an integer" if integer else "a number"
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if integer:
-        ok = ok and float(value).is_integer()
-    if ok:
-        ok = value > low if strict else value >= low
-        ok = ok and (high is None or value <= high)
-    if not ok:
-        bound = f"{'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high else "")
-        raise ConfigError(f"{path}.{key}", value, f"must be {kind} {bound}")
+# ---------------------------------------------------------------------------------------------
+# Composition
 
 
-def _choice(cfg: DictConfig, key: str, path: str, allowed) -> None:
-    if cfg.get(key) not in allowed:
-        raise ConfigError(f"{path}.{key}", cfg.get(key), f"allowed: {', '.join(allowed)}")
+@contextmanager
+def hydra_compose() -> Iterator:
+    """Hydra's Compose API on saelab's configs, with the schema registered."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    register()
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: compose beside it
+        yield compose
+        return
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        yield compose
 
 
-def _fast_path(trainer: DictConfig) -> None:
-    """The GPU fast-path keys; configs saved before they existed lack them and keep defaults."""
-    for key in ("cuda_graphs", "compile"):
-        if not isinstance(trainer.get(key, False), bool):
-            raise ConfigError(f"trainer.{key}", trainer.get(key), "must be true or false")
-    precision = trainer.get("matmul_precision", "highest")
-    if precision not in MATMUL_PRECISIONS:
-        raise ConfigError("trainer.matmul_precision", precision,
-                          f"allowed: {', '.join(MATMUL_PRECISIONS)}")
+def compose_raw(overrides: list[str], hydra: bool = False) -> DictConfig:
+    """The composed config (with Hydra's own node if `hydra`), any Hydra or type error turned into
+    a ConfigError naming the key."""
+    with hydra_compose() as compose:
+        try:
+            return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+        except Exception as exc:  # noqa: BLE001 - Hydra's and OmegaConf's errors, made one line
+            raise composition_error(exc, overrides) from None
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The validated config of a run with these overrides (as on the command line)."""
+    cfg = compose_raw(list(overrides))
+    validate(cfg)
+    return cfg
+
+
+def composition_error(exc: Exception, overrides: list[str]) -> ConfigError:
+    """One line from Hydra's composition errors: unknown key or preset, wrong type, bad value."""
+    from hydra.errors import MissingConfigException
+
+    cause = exc
+    while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        given = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides
+                 if "=" in o}
+        return omegaconf_error(cause, given.get(cause.full_key))
+    text = str(exc)
+    if isinstance(exc, MissingConfigException) or "Could not find" in text:
+        return missing_option(text, overrides)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return ConfigError("overrides", " ".join(overrides), first)
+
+
+def omegaconf_error(exc: OmegaConfBaseException, given: str | None = None) -> ConfigError:
+    """A type or key error of OmegaConf on the schema, as key, value (`given` on the command line,
+    if known) and what is allowed."""
+    key = exc.full_key or "config"
+    message = str(exc).splitlines()[0]
+    value = given if given is not None else getattr(exc, "value", None)
+    if "not in" in message or "Could not override" in message or "not found" in message:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        return ConfigError(key, value, f"no such key{f' in {parent}' if parent else ''} "
+                           f"(the keys: docs/configuration.md)")
+    if "expected one of" in message:
+        return ConfigError(key, value, "allowed: " + message.split("expected one of ")[1]
+                           .strip("[]").replace("'", ""))
+    if "is not a valid bool" in message:
+        return ConfigError(key, value, "must be true or false")
+    if "is not a ListConfig" in message:
+        return ConfigError(key, value, "must be a list, e.g. [1,2]")
+    if "could not be converted to" in message:
+        kind = message.rsplit(" ", 1)[1].lower()
+        kind = {"float": "a number", "integer": "an integer", "boolean": "true or false",
+                "string": "a string"}.get(kind, kind)
+        return ConfigError(key, value, f"must be {kind}")
+    return ConfigError(key, value, message)
+
+
+# Plugins named by a preset or override, and the extra that installs them.
+PLUGINS = {"hydra/sweeper/optuna": "sweep", "hydra/launcher/joblib": "sweep",
+           "hydra/launcher/submitit_slurm": "slurm", "hydra/launcher/slurm": "slurm"}
+
+
+def missing_option(text: str, overrides: list[str]) -> ConfigError:
+    """An unknown preset (listing the known ones) or a plugin that is not installed (naming the
+    extra that installs it)."""
+    missing = text.split("Could not find '", 1)[1].split("'", 1)[0] if "Could not find '" in \
+        text else ""
+    for plugin, extra in PLUGINS.items():
+        if missing.startswith(plugin):
+            given = next((o for o in overrides if o.split("=")[0].lstrip("+~") in
+                          ("hparams_search", "hydra/launcher", "hydra/sweeper")), missing)
+            return ConfigError(*given.split("=", 1) if "=" in given else (given, ""),
+                               f"needs a plugin that is not installed: pip install -e "
+                               f"'.[{extra}]'")
+    group, _, option = missing.rpartition("/")
+    listed = text.split("Available options", 1)[-1].split("Config search path")[0]
+    options = [line.strip() for line in listed.splitlines() if line.startswith("\t")]
+    return ConfigError(group or "config", option,
+                       f"no such preset; available: {', '.join(options) or 'none'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+
+
+def _bad_bound(value: Any, bounds: dict[str, float]) -> bool:
+    checks = {"gt": value > bounds.get("gt", 0), "ge": value >= bounds.get("ge", 0),
+              "lt": value < bounds.get("lt", 0), "le": value <= bounds.get("le", 0)}
+    return not all(checks[b] for b in bounds)
+
+
+def _bounds_text(bounds: dict[str, float]) -> str:
+    return " and ".join(f"{BOUND_TEXT[b]} {v:g}" for b, v in bounds.items())
+
+
+def check_bounds(cfg: DictConfig) -> None:
+    """Every key's range, as declared in the schema (for lists: every element's)."""
+    for k in leaves():
+        if not k.bounds:
+            continue
+        value = OmegaConf.select(cfg, k.path, throw_on_missing=True)
+        if value is None:
+            continue
+        values = list(value) if isinstance(value, ListConfig | list) else [value]
+        if any(_bad_bound(v, k.bounds) for v in values):
+            shown = values if isinstance(value, ListConfig | list) else value
+            every = "every element " if isinstance(value, ListConfig | list) else ""
+            raise ConfigError(k.path, shown, f"{every}must be {_bounds_text(k.bounds)}")
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the first bad key, its value and what is allowed."""
-    data = cfg.data
-    _choice(data, "name", "data", list(DATASETS))
-    _choice(data, "pixels", "data", list(PIXEL_SCALES))
-    classes = list(data.classes) if not isinstance(data.classes, int | str) else None
-    if classes is None or not all(isinstance(c, int) and 0 <= c <= 9 for c in classes):
-        raise ConfigError("data.classes", classes or data.classes,
-                          "must be a list of class indices in 0..9")
+    """Raise ConfigError naming the first bad key, its value and what is allowed. `cfg` is typed by
+    the schema (types and choices already checked); this checks ranges and cross-key rules."""
+    try:
+        check_bounds(cfg)
+        _rules(cfg)
+    except OmegaConfBaseException as exc:  # e.g. an interpolation to a missing key
+        raise omegaconf_error(exc) from None
+
+
+def _rules(cfg: DictConfig) -> None:
+    data, model, pre = cfg.data, cfg.model, cfg.pretrain
+    classes = list(data.classes)
     if len(set(classes)) != len(classes) or len(classes) < 2:
-        raise ConfigError("data.classes", classes, "needs at least 2 distinct classes")
-    _number(data, "val_size", "data", 0, strict=False, integer=True)
-    _number(data, "batch_size", "data", 0, integer=True)
-    for key in ("train_limit", "test_limit"):
-        if data.get(key) is not None:
-            _number(data, key, "data", 0, integer=True)
+        raise ConfigError("data.classes", classes, "needs at least 2 distinct classes in 0..9")
     if data.mirror and not Path(data.mirror).expanduser().is_dir():
         raise ConfigError("data.mirror", data.mirror, "directory does not exist")
+    if data.labelled_val_per_class is not None and data.labels_per_class is None:
+        raise ConfigError("data.labelled_val_per_class", data.labelled_val_per_class,
+                          "needs data.labels_per_class (with every label, validation uses "
+                          "the whole validation split)")
 
-    sizes = cfg.model.sizes
-    if isinstance(sizes, int | str) or len(sizes) < 2:
+    sizes = list(model.sizes)
+    if len(sizes) < 2:
         raise ConfigError("model.sizes", sizes, "needs at least 2 sizes (input, one hidden)")
-    if not all(isinstance(s, int) and s > 0 for s in sizes):
-        raise ConfigError("model.sizes", list(sizes), "sizes must be positive integers")
     if sizes[0] != 784:
-        raise ConfigError("model.sizes", list(sizes), "must start at the input size 784 (28x28)")
-    _choice(cfg.model, "activation", "model", list(ACTIVATIONS))
+        raise ConfigError("model.sizes", sizes, "must start at the input size 784 (28x28)")
 
-    for name in STAGES:
-        stage = cfg[name]
-        _choice(stage, "optimizer", name, OPTIMIZERS)
-        _number(stage, "lr", name, 0)
-        _number(stage, "batch_size", name, 0, integer=True)
-        _number(stage, "epochs", name, 0, strict=False, integer=True)
-        _number(stage, "momentum", name, 0, strict=False)
-        _number(stage, "weight_decay", name, 0, strict=False)
-        _choice(stage, "schedule", name, ("none", "cosine"))
-        for key in ("patience", "steps_per_epoch"):
-            if stage.get(key) is not None:
-                _number(stage, key, name, 0, integer=True)
-    _number(cfg.finetune, "encoder_lr_scale", "finetune", 0, strict=False)
-
-    pre = cfg.pretrain
-    _choice(pre, "codes", "pretrain", ("activation", "pre_activation"))
-    _choice(pre, "loss", "pretrain", ("mse", "bce"))
-    if pre.loss == "bce" and (cfg.model.activation != "sigmoid" or data.pixels != "zero_one"):
+    if pre.loss == ReconLoss.bce and (model.activation != Activation.sigmoid
+                                      or data.pixels != Pixels.zero_one):
         raise ConfigError("pretrain.loss", "bce",
                           "needs model.activation=sigmoid and data.pixels=zero_one")
-    _choice(pre.noise, "kind", "pretrain.noise", ("none", "masking", "gaussian", "salt_pepper"))
-    high = None if pre.noise.kind == "gaussian" else 1.0
-    _number(pre.noise, "level", "pretrain.noise", 0, strict=False, high=high)
-    levels = pre.noise.get("levels")
+    fraction = pre.noise.kind != Noise.gaussian  # a fraction of inputs, not a sigma
+    if fraction and pre.noise.level > 1:
+        raise ConfigError("pretrain.noise.level", pre.noise.level,
+                          "must be <= 1 (a fraction of inputs; only gaussian noise takes a "
+                          "sigma)")
+    levels = pre.noise.levels
     if levels is not None:
-        if isinstance(levels, int | float | str) or len(levels) != len(sizes) - 1:
-            raise ConfigError("pretrain.noise.levels", levels,
+        if len(levels) != len(sizes) - 1:
+            raise ConfigError("pretrain.noise.levels", list(levels),
                               f"must be null or a list of {len(sizes) - 1} levels, one per layer")
         for i, level in enumerate(levels):
-            _number({str(i): level}, str(i), "pretrain.noise.levels", 0, strict=False, high=high)
-    _choice(pre.sparsity, "kind", "pretrain.sparsity", ("none", "kl", "l1"))
-    _number(pre.sparsity, "weight", "pretrain.sparsity", 0, strict=False)
-    if pre.sparsity.kind == "kl":
-        if cfg.model.activation == "relu":
-            raise ConfigError("pretrain.sparsity.kind", "kl", "needs tanh or sigmoid units")
-        _number(pre.sparsity, "target", "pretrain.sparsity", 0, high=0.999)
+            if fraction and level > 1:
+                raise ConfigError(f"pretrain.noise.levels.{i}", level,
+                                  "must be <= 1 (a fraction of inputs; only gaussian noise "
+                                  "takes a sigma)")
+    if pre.sparsity.kind == Sparsity.kl and model.activation == Activation.relu:
+        raise ConfigError("pretrain.sparsity.kind", "kl", "needs tanh or sigmoid units")
 
-    _choice(cfg.trainer, "accelerator", "trainer", ("auto", "cpu", "gpu", "cuda"))
-    _number(cfg.trainer, "steps_per_item", "trainer", 0, strict=False, integer=True)
-    _fast_path(cfg.trainer)
-    # ddp runs the whole pipeline in every process (each stage's Trainer joins the same process
-    # group); ddp_spawn would train in throw-away processes and lose each stage's best weights.
-    _choice(cfg.trainer, "strategy", "trainer", ("auto", "ddp"))
-    if cfg.trainer.strategy == "ddp" and cfg.trainer.steps_per_item != 1:
-        raise ConfigError("trainer.steps_per_item", cfg.trainer.steps_per_item,
+    trainer = cfg.trainer
+    if trainer.precision not in PRECISIONS:
+        raise ConfigError("trainer.precision", trainer.precision,
+                          f"allowed: {', '.join(PRECISIONS)}")
+    if trainer.strategy == Strategy.ddp and cfg.fastpath.steps_per_item != 1:
+        raise ConfigError("fastpath.steps_per_item", cfg.fastpath.steps_per_item,
                           "must be 1 with trainer.strategy=ddp (DDP averages the gradients of "
                           "one forward and backward per Lightning step)")
-    if cfg.trainer.strategy == "auto" and cfg.trainer.devices != 1:
-        raise ConfigError("trainer.devices", cfg.trainer.devices,
+    if trainer.strategy == Strategy.auto and trainer.devices != 1:
+        raise ConfigError("trainer.devices", trainer.devices,
                           "more than one device needs trainer.strategy=ddp (use trainer=ddp)")
-    _visualize(visualize_settings(cfg))
+
+    samples = cfg.visualize.samples
+    if samples is not None:
+        if not samples:
+            raise ConfigError("visualize.samples", [], "must be null or a non-empty list of "
+                              "test-set indices")
+        n_test = datasets.test_size(data.name, classes, data.test_limit)
+        if max(samples) >= n_test:
+            raise ConfigError("visualize.samples", list(samples),
+                              f"indices must be below the test-set size {n_test}")
 
 
-def visualize_settings(cfg: DictConfig) -> DictConfig:
-    """The run's `visualize` group, or the packaged default for runs saved before it existed."""
-    if "visualize" in cfg:
-        return cfg.visualize
-    return OmegaConf.load(files("saelab.conf") / "visualize" / "default.yaml")
+# ---------------------------------------------------------------------------------------------
+# Saved configs and resumption
 
 
-def _visualize(settings: DictConfig) -> None:
-    """The figure settings (`visualize` group)."""
-    if not isinstance(settings.enabled, bool):
-        raise ConfigError("visualize.enabled", settings.enabled, "must be true or false")
-    samples = settings.samples
-    if samples is not None and (isinstance(samples, int | str) or not samples or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in samples)):
-        raise ConfigError("visualize.samples", samples,
-                          "must be null or a non-empty list of test-set indices >= 0")
-    _number(settings.actmax, "steps", "visualize.actmax", 0, integer=True)
-    _number(settings.actmax, "lr", "visualize.actmax", 0)
-    _number(settings.actmax, "norm", "visualize.actmax", 0)
-    _number(settings, "embedding_points", "visualize", 0, strict=False, integer=True)
+def select(cfg: DictConfig, path: str) -> Any:
+    """The resolved value at a dotted key; list elements as `key.3`."""
+    return OmegaConf.select(cfg, path, throw_on_missing=True)
+
+
+def load_saved(path: Path, key: str = "RUN_DIR") -> DictConfig:
+    """A config saved by this or an earlier version, on the schema: moved keys go to their new
+    place, missing keys take their defaults. `key` names the setting that pointed there."""
+    try:
+        saved = OmegaConf.load(path)
+    except (OSError, OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(key, str(path), f"unreadable saved config ({exc})") from None
+    for old, new in MOVED.items():
+        parent, _, leaf = old.rpartition(".")
+        node = OmegaConf.select(saved, parent)
+        if isinstance(node, DictConfig) and leaf in node:
+            OmegaConf.update(saved, new, node.pop(leaf), force_add=True)
+    register()
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), saved)
+    except OmegaConfBaseException as exc:
+        err = omegaconf_error(exc)
+        raise ConfigError(key, str(path), f"saved config does not fit the schema: {err}") from None
+
+
+def saved_config_path(run_dir: Path) -> Path:
+    return run_dir / ".hydra" / "config.yaml"
+
+
+def resumed_config(run_dir: str, overrides: list[str]) -> DictConfig:
+    """The config of `resume=RUN_DIR ...`: the run's saved config with the other overrides applied
+    (a `group=option` override applies what that preset changes). Checked like any config."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    path = saved_config_path(Path(run_dir).expanduser())
+    if not path.is_file():
+        raise ConfigError("resume", run_dir, "must be a run folder holding .hydra/config.yaml")
+    cfg = load_saved(path, "resume")
+    defaults = None
+    for o in OverridesParser.create().parse_overrides(overrides):
+        name = o.key_or_group
+        if name in ("resume", "overwrite") or (name.startswith("hydra") and name !=
+                                                "hydra.run.dir"):
+            if name == "overwrite":
+                cfg.overwrite = o.value()
+            continue
+        if name == "hydra.run.dir":
+            if Path(o.value()).expanduser().resolve() != Path(run_dir).expanduser().resolve():
+                raise ConfigError("hydra.run.dir", o.value(),
+                                  f"a resumed run stays in its folder ({run_dir})")
+            continue
+        if o.is_sweep_override() or o.is_add() or o.is_delete():
+            raise ConfigError(name, o.input_line, "with resume, overrides are key=value or "
+                              "group=option")
+        try:
+            if name in GROUPS:
+                defaults = compose_raw([]) if defaults is None else defaults
+                changed = compose_raw([o.input_line])
+                for k in leaves():
+                    if select(changed, k.path) != select(defaults, k.path):
+                        OmegaConf.update(cfg, k.path, OmegaConf.select(changed, k.path))
+            else:
+                OmegaConf.update(cfg, name, o.value(), merge=False)
+        except OmegaConfBaseException as exc:
+            raise omegaconf_error(exc) from None
+    cfg.resume = run_dir
+    validate(cfg)
+    return cfg
+
+
+def job_config(overrides: list[str], composed: DictConfig | None = None
+               ) -> tuple[DictConfig, list[str]]:
+    """The checked config of one run and the overrides its folder records. With `resume=RUN_DIR`:
+    that run's saved config with the other overrides applied, and its saved overrides followed by
+    the new ones. `composed`: the config Hydra already composed from `overrides`."""
+    cfg = composed if composed is not None else compose_raw(overrides)
+    if cfg.resume is None:
+        validate(cfg)
+        return cfg, list(overrides)
+    saved = Path(cfg.resume).expanduser() / ".hydra" / "overrides.yaml"
+    previous = list(OmegaConf.load(saved) or []) if saved.is_file() else []
+    new = [o for o in overrides if o.split("=", 1)[0] != "resume"]
+    return resumed_config(cfg.resume, overrides), [*previous, *new]

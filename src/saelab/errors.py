@@ -1,4 +1,5 @@
-"""The two ways a run stops on purpose: bad input (exit 2) and a diverged stage (exit 1)."""
+"""The ways a run stops on purpose: bad input (exit 2), a diverged stage (exit 1) and a signal
+(exit 128 + the signal's number: 130 for SIGINT, 143 for SIGTERM)."""
 
 
 class ConfigError(ValueError):
@@ -12,3 +13,16 @@ class ConfigError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """A stage's loss became NaN or infinite; the run stops, keeping the stages already written."""
+
+
+class Interrupted(BaseException):  # noqa: N818 - a stop request, like KeyboardInterrupt
+    """SIGTERM or SIGINT arrived: the current stage is dropped, the finished ones are kept.
+    A BaseException, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signum)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -22,13 +22,15 @@ def confusion_matrix(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int)
     return torch.bincount(y * k + pred, minlength=k * k).reshape(k, k).cpu()
 
 
-def classifier_metrics(model: nn.Module, splits, prefix: str = "") -> dict:
-    """Test and validation accuracy, per-class test accuracy and the confusion matrix."""
+def classifier_metrics(model: nn.Module, splits) -> dict:
+    """Test accuracy, validation accuracy (on the labelled validation images, which selected the
+    epoch), per-class test accuracy and the confusion matrix."""
     k = len(splits.classes)
     cm = confusion_matrix(model, splits.test_x, splits.test_y, k)
     out = {"test_acc": float(cm.diag().sum() / cm.sum())}
-    if len(splits.val_y):
-        out["val_acc"] = float((predict(model, splits.val_x) == splits.val_y).float().mean())
+    val_x, val_y = splits.labelled("val")
+    if len(val_y):
+        out["val_acc"] = float((predict(model, val_x) == val_y).float().mean())
     per_class = cm.diag().double() / cm.sum(1).clamp(min=1)
     out["per_class_acc"] = dict(zip(splits.class_names, per_class.tolist(), strict=True))
     out["confusion_matrix"] = cm.tolist()

@@ -18,6 +18,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from saelab.progress import Meter
+
 log = logging.getLogger("saelab")
 
 LossFn = Callable[[Tensor, Tensor | None], Tensor]
@@ -30,9 +32,10 @@ NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # set by Lightning when imported
 
 def eager_steps(loss_fn: LossFn, backward: Callable[[Tensor], None],
                 optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor | None,
-                slices: Sequence[Tensor]) -> Tensor:
+                slices: Sequence[Tensor], meter: Meter) -> Tensor:
     """Plain optimiser steps on the minibatches x[idx] (and y[idx]); returns the summed loss,
-    left on the device so that nothing waits for it."""
+    left on the device so that nothing waits for it. `meter` counts the steps (and stops them on
+    a stop request)."""
     total = torch.zeros((), device=x.device)
     for idx in slices:
         optimizer.zero_grad(set_to_none=True)
@@ -40,6 +43,7 @@ def eager_steps(loss_fn: LossFn, backward: Callable[[Tensor], None],
         backward(loss)
         optimizer.step()
         total += loss.detach()
+        meter.step()
     return total
 
 
@@ -113,9 +117,10 @@ class StepLoop:
     (the last, partial one). `compile` runs the loss through `torch.compile`."""
 
     def __init__(self, loss_fn: LossFn, backward: Callable[[Tensor], None] = Tensor.backward,
-                 cuda_graphs: bool = False, compile: bool = False):
+                 cuda_graphs: bool = False, compile: bool = False, meter: Meter | None = None):
         self.loss_fn = torch.compile(loss_fn) if compile else loss_fn
         self.backward = backward
+        self.meter = meter or Meter()
         self.cuda_graphs = cuda_graphs
         self.graphed: GraphedStep | None = None
 
@@ -128,7 +133,7 @@ class StepLoop:
             slices: Sequence[Tensor]) -> Tensor:
         """Train on x[idx] for each idx in `slices`, in order; returns the summed loss."""
         if not self.cuda_graphs:
-            return eager_steps(self.loss_fn, self.backward, optimizer, x, y, slices)
+            return eager_steps(self.loss_fn, self.backward, optimizer, x, y, slices, self.meter)
         graphed = self.graphed
         if graphed is None or not (_same(graphed.x, x) and _same(graphed.y, y)):
             graphed = self.graphed = GraphedStep(self.loss_fn, optimizer, x, y, len(slices[0]))
@@ -136,8 +141,10 @@ class StepLoop:
         for idx in slices:
             if len(idx) == graphed.batch_size:
                 graphed.replay(idx)
+                self.meter.step()
             else:
-                eager_total += eager_steps(self.loss_fn, self.backward, optimizer, x, y, [idx])
+                eager_total += eager_steps(self.loss_fn, self.backward, optimizer, x, y, [idx],
+                                           self.meter)
         total = graphed.total + eager_total
         graphed.total.zero_()
         return total
@@ -171,10 +178,9 @@ class FastPath(pl.Callback):
         self._nvml_check: str | None = None
 
     @classmethod
-    def from_config(cls, trainer_cfg) -> FastPath:
-        """From the `trainer` config group (keys absent from older run configs keep defaults)."""
-        return cls(trainer_cfg.get("cuda_graphs", False), trainer_cfg.get("compile", False),
-                   trainer_cfg.get("matmul_precision", "highest"))
+    def from_config(cls, fastpath) -> FastPath:
+        """From the `fastpath` config group."""
+        return cls(fastpath.cuda_graphs, fastpath.compile, fastpath.matmul_precision)
 
     @staticmethod
     def graphs_unfit(trainer: pl.Trainer, stage: pl.LightningModule) -> str | None:
@@ -199,7 +205,8 @@ class FastPath(pl.Callback):
                 log.info("%s: eager steps (CUDA graphs need %s)", pl_module.label, need)
         pl_module.step_loop = StepLoop(
             pl_module.loss, Tensor.backward if plain else pl_module.manual_backward,
-            cuda_graphs=cuda and self.cuda_graphs and need is None, compile=cuda and self.compile)
+            cuda_graphs=cuda and self.cuda_graphs and need is None, compile=cuda and self.compile,
+            meter=pl_module.meter)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._nvml_check is not None:
@@ -208,7 +215,8 @@ class FastPath(pl.Callback):
         if self._previous_precision is not None:
             torch.set_float32_matmul_precision(self._previous_precision)
             self._previous_precision = None
-        pl_module.step_loop = StepLoop(pl_module.loss, pl_module.manual_backward)
+        pl_module.step_loop = StepLoop(pl_module.loss, pl_module.manual_backward,
+                                       meter=pl_module.meter)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:

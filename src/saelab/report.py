@@ -1,15 +1,14 @@
-"""A run's pictures and its one-file summary: `figures/*.png`, the same images and the HPARAMS
-entry in the run's TensorBoard log, and `report.md`.
+"""A run's pictures and its one-file summary: `figures/*.png`, the same images and the final
+metrics in the run's logger (TensorBoard images and HPARAMS, MLflow artifacts), and `report.md`.
 
 Built after every run (`visualize.enabled`); `saelab-report RUN_DIR` rebuilds them from a finished
-run's checkpoints through `run_experiment`, which loads every stage and trains nothing.
+run read by `saelab.load_run`, which trains nothing and refuses an unfinished or damaged run.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import math
 import shutil
@@ -22,28 +21,24 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.image import imsave
 from omegaconf import DictConfig, OmegaConf
-from tensorboard.compat.proto.summary_pb2 import Summary
-from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
+from pytorch_lightning.loggers import TensorBoardLogger
 
 from saelab import visualize as vis
 from saelab.autoencoder import stack_encoders
-from saelab.config import visualize_settings
 from saelab.errors import ConfigError
 from saelab.evaluation import encode
+from saelab.loader import Run
+from saelab.loggers import REPORT_SUFFIX, log_figure, log_final, make_logger
+from saelab.runfolder import CLASSIFIERS, OVERRIDES, RunFolder
+from saelab.schema import Codes
+from saelab.signals import STOP
 from saelab.stages import AutoencoderStage
 
 log = logging.getLogger("saelab")
 
 FIGURES = "figures"
-# The report's own event file and embedding folder in the run's TensorBoard folder, both
-# replaced when the report is rebuilt.
-EVENT_SUFFIX = ".report"
-EMBEDDING_STEP = 0
+EMBEDDING_STEP = 0  # the projector's folder in the TensorBoard log, replaced with the report
 DEFAULT_SAMPLES = 10
-STAGES = {"baseline": "baseline: softmax regression on pixels",
-          "probe": "probe: linear head on the frozen pretrained stack",
-          "finetune": "fine-tuned: whole stack and head, end to end"}
 
 
 @dataclass
@@ -70,11 +65,16 @@ def sample_indices(labels: torch.Tensor, samples) -> list[int]:
     return samples
 
 
-def bodies(run) -> dict[str, torch.nn.Sequential]:
+def bodies(run: Run) -> dict[str, torch.nn.Sequential]:
     """The two deep networks whose units are pictured: the stack of pretrained encoders and the
     fine-tuned body (both Linear, activation, Linear, ...)."""
-    pretrained = stack_encoders(run.autoencoders).to(run.data.test_x.device)
+    pretrained = stack_encoders(run.autoencoders).to(run.device)
     return {"pretrained": pretrained, "fine-tuned": run.finetuned[0]}
+
+
+def stage_names(metrics: dict) -> list[str]:
+    """The classifier stages a run's metrics hold, in order."""
+    return [s for s in CLASSIFIERS if s in metrics]
 
 
 def pictures(run, settings: DictConfig) -> Iterator[Picture]:
@@ -82,7 +82,7 @@ def pictures(run, settings: DictConfig) -> Iterator[Picture]:
     nets = bodies(run)
     yield from reconstruction_pictures(run, nets["pretrained"], settings.samples)
     yield from feature_pictures(run, nets, settings.actmax)
-    data, finetune = run.data, run.metrics["finetune"]
+    data, finetune = run.splits(), run.metrics["finetune"]
     yield Picture("confusion_matrix.png", "finetune/confusion_matrix",
                   "Fine-tuned network on the test set",
                   vis.confusion_figure(finetune["confusion_matrix"], data.class_names,
@@ -96,7 +96,8 @@ def pictures(run, settings: DictConfig) -> Iterator[Picture]:
                                    data.test_y, data.class_names))
     yield Picture("curves.png", "summary/curves", "Training curves of every stage",
                   vis.curves_figure([layer["history"] for layer in run.metrics["pretrain"]],
-                                    {s: run.metrics[s]["history"] for s in STAGES}))
+                                    {s: run.metrics[s]["history"]
+                                     for s in stage_names(run.metrics)}))
 
 
 @torch.no_grad()
@@ -104,7 +105,7 @@ def reconstruction_pictures(run, stack: torch.nn.Sequential, samples) -> Iterato
     """Each layer's input, code and reconstruction, then the whole stack's, for a few test
     images. Layer k's input is what it was pretrained on (`pretrain.codes` of layer k-1); the
     whole stack encodes as the deep network does (`stack`) and decodes as the seed did."""
-    data, aes = run.data, run.autoencoders
+    data, aes = run.splits(), run.autoencoders
     idx = sample_indices(data.test_y, samples)
     x = inputs = data.test_x[idx]
     labels = [f"{data.class_names[int(data.test_y[i])]}\n(test {i})" for i in idx]
@@ -115,7 +116,7 @@ def reconstruction_pictures(run, stack: torch.nn.Sequential, samples) -> Iterato
         yield Picture(f"layer{k}_reconstruction.png", f"pretrain/layer{k}/reconstruction",
                       f"Layer {k} autoencoder: input, code and reconstruction of test images",
                       vis.layer_panel(inputs, hidden, recon, labels, k, limits))
-        inputs = hidden if run.cfg.pretrain.codes == "activation" else ae.encoder(inputs)
+        inputs = hidden if run.cfg.pretrain.codes == Codes.activation else ae.encoder(inputs)
         # Deeper codes rarely span the pixel range: their own range keeps them legible.
         seen = torch.cat([inputs.flatten(), aes[k].encode(inputs).flatten()]) if k < len(aes) \
             else x
@@ -134,7 +135,7 @@ def feature_pictures(run, nets: dict[str, torch.nn.Sequential],
                      actmax: DictConfig) -> Iterator[Picture]:
     """Every unit of every layer in pixel space: decoded (pretrained decoders, biases removed)
     and by activation maximisation in the pretrained and the fine-tuned network."""
-    aes, pixels = run.autoencoders, (run.data.background, 1.0)
+    aes, pixels = run.autoencoders, (run.splits().background, 1.0)
     for k in range(1, len(aes) + 1):
         yield Picture(f"features_layer{k}.png", f"pretrain/layer{k}/features",
                       f"Layer {k} units decoded to pixels (biases removed)",
@@ -159,9 +160,9 @@ def feature_pictures(run, nets: dict[str, torch.nn.Sequential],
 
 
 @torch.no_grad()
-def log_embedding(writer: SummaryWriter, run, points: int) -> None:
+def log_embedding(logger: TensorBoardLogger, run: Run, points: int) -> None:
     """A seeded subsample of the test codes in TensorBoard's projector, with digit thumbnails."""
-    data = run.data
+    data, writer = run.splits(), logger.experiment
     gen = torch.Generator().manual_seed(run.cfg.seed)
     idx = torch.randperm(len(data.test_y), generator=gen)[:points].sort().values
     thumbs = ((data.test_x[idx].cpu() - data.background) / (1 - data.background))
@@ -172,26 +173,11 @@ def log_embedding(writer: SummaryWriter, run, points: int) -> None:
                              tag=f"codes/{name.replace('-', '')}")
 
 
-def flat_config(cfg: DictConfig) -> dict[str, int | float | str | bool]:
-    """The resolved config as dotted keys; lists and nulls as JSON text (HPARAMS takes scalars)."""
-    out: dict[str, int | float | str | bool] = {}
-
-    def walk(prefix: str, node) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}{key}.", value)
-        else:
-            out[prefix[:-1]] = node if isinstance(node, int | float | str) else json.dumps(node)
-
-    walk("", OmegaConf.to_container(cfg, resolve=True))
-    return out
-
-
 def final_metrics(metrics: dict) -> dict[str, float]:
     """The numbers a sweep is compared on: accuracies of every classifier stage and the
     reconstruction MSE of every layer, under tags of their own (not the per-epoch curves)."""
     out = {}
-    for stage in STAGES:
+    for stage in stage_names(metrics):
         for key in ("test_acc", "val_acc"):
             if key in metrics[stage]:
                 out[f"final/{stage}_{key}"] = metrics[stage][key]
@@ -205,24 +191,14 @@ def final_metrics(metrics: dict) -> dict[str, float]:
 
 def training_seconds(metrics: dict) -> float:
     """Time spent training, summed over stages (kept when a run is reloaded or resumed)."""
-    return sum(metrics[s]["seconds"] for s in STAGES) + sum(
+    return sum(metrics[s]["seconds"] for s in stage_names(metrics)) + sum(
         layer["seconds"] for layer in metrics["pretrain"])
-
-
-def log_hparams(writer: SummaryWriter, run) -> None:
-    """The HPARAMS tab entry: the flattened config and the run's real final metrics."""
-    metrics = final_metrics(run.metrics)
-    file_writer = writer._get_file_writer()
-    for summary in hparams(flat_config(run.cfg), metrics):
-        file_writer.add_summary(summary)
-    for tag, value in metrics.items():
-        writer.add_scalar(tag, value, 0)
 
 
 def markdown_report(run, figures: list[Picture]) -> str:
     """report.md: what was run, the numbers, and every figure."""
     m, data = run.metrics, run.metrics["data"]
-    overrides = run.dir / ".hydra" / "overrides.yaml"
+    overrides = run.dir / OVERRIDES
     given = OmegaConf.load(overrides) if overrides.is_file() else []
     lines = [f"# saelab run `{run.dir.name}`", "",
              f"{data['name']}, classes {', '.join(data['class_names'])}: {data['n_train']} train / "
@@ -234,8 +210,8 @@ def markdown_report(run, figures: list[Picture]) -> str:
     lines += ["", "Full config: `.hydra/config.yaml`; all numbers: `metrics.json`.", "",
               "## Results", "", "| stage | test accuracy | val accuracy | time |",
               "|---|---:|---:|---:|"]
-    for stage, title in STAGES.items():
-        s = m[stage]
+    for stage in stage_names(m):
+        s, title = m[stage], f"{stage}: {CLASSIFIERS[stage]}"
         val = f"{s['val_acc']:.2%}" if "val_acc" in s else "–"
         lines.append(f"| {title} | {s['test_acc']:.2%} | {val} | {s['seconds']:.1f} s |")
     lines += ["", "Greedy layer-wise pretraining, reconstruction MSE per value:", "",
@@ -257,34 +233,35 @@ def markdown_report(run, figures: list[Picture]) -> str:
     return "\n".join(lines)
 
 
-def build_report(run) -> Path:
-    """Write figures/*.png, their TensorBoard images, the HPARAMS entry, the code embedding and
-    report.md for `run`; return the path of report.md."""
-    settings = visualize_settings(run.cfg)
+def build_report(run: Run) -> Path:
+    """Write figures/*.png, the same images, the code embedding and the final metrics in the run's
+    logger, and report.md for `run`; return the path of report.md."""
+    settings = run.cfg.visualize
     out_dir = run.dir / FIGURES
     out_dir.mkdir(exist_ok=True)
-    log_dir = Path(run.logger.log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    for old in log_dir.glob(f"events.out.tfevents.*{EVENT_SUFFIX}"):
-        old.unlink()
-    shutil.rmtree(log_dir / f"{EMBEDDING_STEP:05d}", ignore_errors=True)
-    (log_dir / "projector_config.pbtxt").unlink(missing_ok=True)
+    logger = make_logger(run.cfg, run.dir, report=True,
+                         mlflow_run_id=run.metrics.get("mlflow_run_id"))
+    tensorboard = isinstance(logger, TensorBoardLogger)
+    if tensorboard:  # the previous report's event file and projector, replaced
+        log_dir = Path(logger.log_dir)
+        for old in log_dir.glob(f"events.out.tfevents.*{REPORT_SUFFIX}"):
+            old.unlink()
+        shutil.rmtree(log_dir / f"{EMBEDDING_STEP:05d}", ignore_errors=True)
+        (log_dir / "projector_config.pbtxt").unlink(missing_ok=True)
     done = []
-    with SummaryWriter(str(log_dir), filename_suffix=EVENT_SUFFIX) as writer:
-        for picture in pictures(run, settings):
-            rgb = vis.render(picture.figure)
-            png = io.BytesIO()
-            imsave(png, rgb, format="png")
-            (out_dir / picture.file).write_bytes(png.getvalue())
-            image = Summary.Image(height=rgb.shape[0], width=rgb.shape[1], colorspace=3,
-                                  encoded_image_string=png.getvalue())
-            writer._get_file_writer().add_summary(
-                Summary(value=[Summary.Value(tag=picture.tag, image=image)]), 0)
-            picture.figure = None
-            done.append(picture)
-        if settings.embedding_points:
-            log_embedding(writer, run, settings.embedding_points)
-        log_hparams(writer, run)
+    for picture in pictures(run, settings):
+        STOP.check()
+        rgb = vis.render(picture.figure)
+        png = io.BytesIO()
+        imsave(png, rgb, format="png")
+        (out_dir / picture.file).write_bytes(png.getvalue())
+        log_figure(logger, picture.tag, rgb, out_dir / picture.file)
+        picture.figure = None
+        done.append(picture)
+    if tensorboard and settings.embedding_points:
+        log_embedding(logger, run, settings.embedding_points)
+    log_final(logger, run.cfg, final_metrics(run.metrics))
+    logger.finalize("success")
     path = run.dir / "report.md"
     path.write_text(markdown_report(run, done))
     log.info("report: %s (%d figures in %s)", path, len(done), out_dir)
@@ -292,22 +269,22 @@ def build_report(run) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`saelab-report RUN_DIR`: rebuild the figures and report.md of a finished run."""
-    from saelab.cli import load_run_config
-    from saelab.config import validate
-    from saelab.pipeline import run_experiment
+    """`saelab-report RUN_DIR`: rebuild the figures and report.md of a finished run (read with
+    saelab.load_run: nothing is trained, and an unfinished or damaged run is refused as is)."""
+    from saelab.loader import load_run
 
     parser = argparse.ArgumentParser(prog="saelab-report", description=main.__doc__)
     parser.add_argument("run_dir", help="a finished run folder (holding .hydra/config.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        cfg, run_dir = load_run_config(args.run_dir, "RUN_DIR")
-        validate(cfg)
-        if not (run_dir / "checkpoints" / "finetune.pt").is_file():
-            raise ConfigError("RUN_DIR", args.run_dir, "is not a finished run (no "
-                              "checkpoints/finetune.pt); finish it with saelab resume=RUN_DIR")
-        build_report(run_experiment(cfg, run_dir))
+        run = load_run(args.run_dir)
+        folder = RunFolder(run.dir)
+        folder.lock()  # the report writes into the folder: no run may be writing there
+        try:
+            build_report(run)
+        finally:
+            folder.unlock()
     except ConfigError as exc:
         print(f"saelab-report: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -1,8 +1,9 @@
 """Robustness to noisy inputs: how finished runs' classifiers cope with corrupted test images.
 
-`saelab-robustness RUN_DIR [RUN_DIR ...]` rebuilds each run from its checkpoints (no training),
-then measures test accuracy under additive Gaussian noise and under masking for the pixel baseline
-(of the first run) and each run's fine-tuned network, and writes `robustness.csv` and
+`saelab-robustness RUN_DIR [RUN_DIR ...]` reads each finished run with `saelab.load_run` (no
+training, no file of the run touched), then measures test accuracy under additive Gaussian noise
+and under masking for the pixel baseline (of the first run) and each run's fine-tuned network (and
+its from-scratch control, where the run has one), and writes `robustness.csv` and
 `robustness.png`. Every model sees the very same corrupted images, so the curves compare models,
 not noise draws.
 """
@@ -11,18 +12,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from saelab.config import validate
 from saelab.data import PIXEL_SCALES
 from saelab.errors import ConfigError
-from saelab.evaluation import predict
+from saelab.loader import load_run
+from saelab.schema import Noise, Pixels
 from saelab.stages import corrupt
 
 # Gaussian sigma in units of [-1, 1] pixels (scaled to each run's pixel range), masked fraction.
@@ -33,7 +32,7 @@ NOISE_SEED = 1234
 def noisy(x: torch.Tensor, kind: str, level: float, pixels: str) -> torch.Tensor:
     """`x` corrupted as the study defines it: Gaussian noise clipped to the pixel range, or a
     fraction of pixels set to the background. Seeded, so every model gets the same images."""
-    scale = PIXEL_SCALES[pixels]
+    scale = PIXEL_SCALES[Pixels(pixels)]
     low, high = scale(0.0), scale(255.0)
     torch.manual_seed(NOISE_SEED)
     if kind == "gaussian":
@@ -44,53 +43,38 @@ def noisy(x: torch.Tensor, kind: str, level: float, pixels: str) -> torch.Tensor
 def describe(cfg: DictConfig) -> str:
     """A legend label for a run's fine-tuned network: plain or denoising, with its noise."""
     noise = cfg.pretrain.noise
-    if noise.kind == "none":
+    if noise.kind == Noise.none:
         return "stacked AE"
     levels = noise.get("levels")
     level = "/".join(f"{v:g}" for v in levels) if levels else f"{noise.level:g}"
     return f"denoising AE ({noise.kind} {level})"
 
 
-def load_run(run_dir: Path, accelerator: str):
-    """The run rebuilt from its checkpoints by `run_experiment`, in a scratch copy so that the
-    finished run folder is left untouched."""
-    from saelab.cli import load_run_config
-    from saelab.pipeline import run_experiment  # heavy imports after argument parsing
-
-    cfg, run_dir = load_run_config(str(run_dir), "RUN_DIR")
-    stages = ["baseline", *(f"pretrain_layer{i}" for i in range(1, len(cfg.model.sizes))),
-              "probe", "finetune"]
-    missing = [s for s in stages if not (run_dir / "checkpoints" / f"{s}.pt").is_file()]
-    if missing:
-        raise ConfigError("RUN_DIR", str(run_dir),
-                          f"must be a finished run; missing checkpoints/{missing[0]}.pt")
-    cfg.trainer.accelerator = accelerator
-    validate(cfg)
-    with tempfile.TemporaryDirectory(prefix="saelab-robustness-") as scratch:
-        shutil.copytree(run_dir / "checkpoints", Path(scratch) / "checkpoints")
-        return cfg, run_experiment(cfg, Path(scratch))
-
-
-def measure(run_dirs: list[Path], accelerator: str = "auto") -> list[dict]:
+def measure(run_dirs: list[Path], device: str = "cpu") -> list[dict]:
     """One row per model, noise kind and level: the test accuracy on the corrupted test set."""
     rows, labels = [], set()
     first_test_y = None
     for i, run_dir in enumerate(run_dirs):
-        cfg, run = load_run(run_dir, accelerator)
-        data = run.data
+        run = load_run(run_dir, device)
+        cfg, data = run.cfg, run.splits()
         if first_test_y is None:
             first_test_y = data.test_y.cpu()
         elif not torch.equal(first_test_y, data.test_y.cpu()):
             raise ConfigError("RUN_DIR", str(run_dir), "must share the first run's test set")
-        models = [("pixel baseline", run.baseline)] if i == 0 else []
         label = describe(cfg)
-        models.append((f"{label} [{run_dir.name}]" if label in labels else label, run.finetuned))
+        if label in labels:
+            label = f"{label} [{run_dir.name}]"
         labels.add(label)
+        models = [("pixel baseline", "baseline")] if i == 0 else []
+        models.append((label, "finetuned"))
+        if run.scratch is not None:
+            models.append((f"from scratch [{run_dir.name}]", "scratch"))
         for name, model in models:
             for kind, levels in LEVELS.items():
                 for level in levels:
                     x = noisy(data.test_x, kind, level, cfg.data.pixels)
-                    acc = float((predict(model, x) == data.test_y).float().mean())
+                    pred = run.predict(x, model, scaled=True)
+                    acc = float((pred == data.test_y).float().mean())
                     rows.append({"model": name, "run": str(run_dir), "noise": kind,
                                  "level": level, "test_acc": acc})
     return rows
@@ -137,11 +121,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="finished run folders; the first one also gives the pixel baseline")
     parser.add_argument("--out", type=Path, default=Path("outputs/robustness"),
                         help="folder for robustness.csv and robustness.png")
-    parser.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"),
-                        help="where to evaluate (replaces the runs' trainer.accelerator)")
+    parser.add_argument("--device", default="cpu", help="where to evaluate (cpu, cuda, cuda:1)")
     args = parser.parse_args(argv)
     try:
-        rows = measure(args.run_dirs, args.accelerator)
+        rows = measure(args.run_dirs, args.device)
     except ConfigError as exc:
         print(f"saelab-robustness: error: {exc}", file=sys.stderr)
         sys.exit(2)

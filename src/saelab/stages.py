@@ -1,9 +1,13 @@
-"""The trainable stages as LightningModules: autoencoder pretraining and classification.
+"""The trainable stages as LightningModules, and the per-epoch concerns as Lightning callbacks.
 
-Each Lightning step receives a chunk of minibatch index slices (see `data.Minibatches`) and runs
-them as plain optimiser steps, so Lightning's per-step machinery stays outside the hot loop. Losses
-and metrics accumulate on the device and are read once per epoch: no host sync inside an epoch.
-The best validation epoch is kept (model selection on validation only) and `patience` stops early.
+A stage holds its model, its loss, its evaluation and its optimiser. Each Lightning step receives a
+chunk of minibatch index slices (see `data.Minibatches`) and runs them as plain optimiser steps, so
+Lightning's per-step machinery stays outside the hot loop; the loss is summed on the device and
+read once per epoch (no host sync inside an epoch). The validation metric goes through `self.log`,
+where Lightning's callbacks find it: `KeepBest` keeps the weights of the best validation epoch (in
+memory) and Lightning's `EarlyStopping` applies `patience`. `EpochRecord` keeps each stage's history
+and sends the epoch's scalars to every logger. A stage brings these callbacks itself
+(`configure_callbacks`), so any Trainer that fits it applies them.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import math
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import EarlyStopping
 from torch import nn
 from torch.nn import functional as F
 
@@ -20,6 +25,8 @@ from saelab.autoencoder import AutoEncoder
 from saelab.errors import NonFiniteLossError
 from saelab.evaluation import CHUNK
 from saelab.fastpath import StepLoop
+from saelab.progress import Meter
+from saelab.schema import Noise, Optimizer, ReconLoss, Schedule, Sparsity
 
 log = logging.getLogger("saelab")
 
@@ -28,12 +35,11 @@ def make_optimizer(groups: list[dict], cfg, capturable: bool = False) -> torch.o
     """SGD (with momentum/nesterov), Adam or AdamW on parameter groups, each group's `lr_scale`
     multiplying the stage's learning rate."""
     groups = [{"params": g["params"], "lr": cfg.lr * g.get("lr_scale", 1.0)} for g in groups]
-    name = cfg.optimizer
-    if name == "sgd":
+    if cfg.optimizer == Optimizer.sgd:
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.momentum > 0 and cfg.get("nesterov", False),
+                               nesterov=cfg.momentum > 0 and cfg.nesterov,
                                weight_decay=cfg.weight_decay)
-    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    kind = {Optimizer.adam: torch.optim.Adam, Optimizer.adamw: torch.optim.AdamW}[cfg.optimizer]
     if capturable:
         # A CUDA graph reads the learning rate from a device tensor at every replay, so the
         # schedule's per-epoch changes (written in place into it) reach the captured step.
@@ -49,14 +55,14 @@ def make_optimizer(groups: list[dict], cfg, capturable: bool = False) -> torch.o
 def corrupt(x: torch.Tensor, kind: str, level: float, background: float) -> torch.Tensor:
     """Denoising corruption (Vincent et al. 2010): masking sets a fraction `level` of inputs to the
     background value, gaussian adds N(0, level^2), salt_pepper sets a fraction to min or max."""
-    if kind == "none" or level == 0:
+    if kind == Noise.none or level == 0:
         return x
-    if kind == "gaussian":
+    if kind == Noise.gaussian:
         return x + level * torch.randn_like(x)
     hit = torch.rand_like(x) < level
-    if kind == "masking":
+    if kind == Noise.masking:
         return x.masked_fill(hit, background)
-    if kind == "salt_pepper":
+    if kind == Noise.salt_pepper:
         salt = torch.where(torch.rand_like(x) < 0.5, 1.0, background)
         return torch.where(hit, salt, x)
     raise ValueError(f"unknown corruption {kind!r}")
@@ -72,31 +78,42 @@ def kl_sparsity(codes: torch.Tensor, target: float, low: float) -> torch.Tensor:
 
 
 class Stage(pl.LightningModule):
-    """Shared training loop of every stage; subclasses define `loss` and `evaluate`."""
+    """What every stage shares: the step loop, the epoch's loss, the optimiser and schedule, and
+    the validation metric (`monitor`, better when higher with `mode="max"`). Subclasses define
+    `loss`, `evaluate` and `val_metric`."""
 
-    higher_is_better = True
+    monitor = "val_acc"
+    mode = "max"
 
     def __init__(self, model: nn.Module, cfg, label: str, tag: str):
         super().__init__()
         self.model, self.cfg, self.label, self.tag = model, cfg, label, tag
         self.automatic_optimization = False
-        self.best_state: dict | None = None
-        self.best_score: float | None = None
-        self.bad_epochs = 0
         self.history: list[dict] = []
+        self.meter = Meter()
         self._loss_sum: torch.Tensor | None = None
         self._steps = 0
         self._val_sums: list[torch.Tensor] = []
-        self._record: dict = {}
         # Eager optimiser steps; the FastPath callback picks each fit's loop (graphs on a GPU).
-        self.step_loop = StepLoop(self.loss, self.manual_backward)
+        self.step_loop = StepLoop(self.loss, self.manual_backward, meter=self.meter)
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.model.parameters())}]
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The per-epoch concerns, joined to any Trainer that fits this stage: history and
+        logging, the best validation epoch's weights, early stopping after `patience` epochs
+        without improvement (without a validation split: the last epoch, no early stop)."""
+        callbacks: list[pl.Callback] = [EpochRecord(), KeepBest()]
+        if self.cfg.patience:
+            callbacks.append(EarlyStopping(self.monitor, mode=self.mode,
+                                           patience=self.cfg.patience,
+                                           check_on_train_epoch_end=False, strict=False))
+        return callbacks
+
     def configure_optimizers(self):
         optimizer = make_optimizer(self.param_groups(), self.cfg, self.step_loop.capturable)
-        if self.cfg.get("schedule", "none") == "cosine":
+        if self.cfg.schedule == Schedule.cosine:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(self.cfg.epochs, 1))
             return [optimizer], [sched]
         return optimizer
@@ -107,62 +124,32 @@ class Stage(pl.LightningModule):
         self._loss_sum = total if self._loss_sum is None else self._loss_sum + total
         self._steps += len(slices)
 
-    def on_train_epoch_end(self):
+    def epoch_loss(self) -> float:
+        """The epoch's mean training loss over every process (the epoch's one host sync);
+        NonFiniteLossError if it diverged."""
         loss = self.trainer.strategy.reduce(self._loss_sum / self._steps, reduce_op="mean").item()
         self._loss_sum, self._steps = None, 0
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"{self.label}: training loss became {loss} in epoch {self.current_epoch + 1}; "
                 f"try a lower learning rate (now {self.cfg.lr})")
-        self._record = {"epoch": self.current_epoch + 1, "train_loss": loss, **self._record}
-        self.history.append(self._record)
-        self.log_scalars(self._record)
-        self._record = {}
+        return loss
+
+    def on_train_epoch_end(self):
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
-        sums = self.evaluate(x, y)
+        sums = self.evaluate(*batch)
         self._val_sums = sums if not self._val_sums else [a + b for a, b in
                                                            zip(self._val_sums, sums, strict=True)]
 
     def on_validation_epoch_end(self):
-        if self.trainer.sanity_checking:
-            self._val_sums = []
-            return
-        values = [float(v) for v in torch.stack(self._val_sums).tolist()]
+        sums = [float(v) for v in torch.stack(self._val_sums).tolist()]
         self._val_sums = []
-        metrics = self.val_metrics(values)
-        score = next(iter(metrics.values()))
-        self._record.update(metrics)
-        improved = self.best_score is None or (
-            score > self.best_score if self.higher_is_better else score < self.best_score)
-        if improved:
-            self.best_score, self.bad_epochs = score, 0
-            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        else:
-            self.bad_epochs += 1
-            patience = self.cfg.get("patience")
-            if patience and self.bad_epochs >= patience:
-                self.trainer.should_stop = True
-
-    def log_scalars(self, record: dict) -> None:
-        """One line per epoch on the terminal and the epoch's scalars in TensorBoard."""
-        epoch = record["epoch"]
-        text = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch")
-        if self.global_rank == 0:
-            log.info("%s epoch %d/%d: %s", self.label, epoch, self.cfg.epochs, text)
-        if self.logger is not None:
-            for key, value in record.items():
-                if key != "epoch":
-                    self.logger.experiment.add_scalar(f"{self.tag}/{key}", value, epoch)
-
-    def restore_best(self) -> None:
-        """Load the weights of the best validation epoch, if validation ran."""
-        if self.best_state is not None:
-            self.model.load_state_dict(self.best_state)
+        if not self.trainer.sanity_checking:
+            self.log(self.monitor, sums[0] / sums[1], logger=False)
 
 
 class AutoencoderStage(Stage):
@@ -170,7 +157,8 @@ class AutoencoderStage(Stage):
     copy, with an optional sparsity penalty on the codes. `noise_level` (this layer's entry of
     `noise.levels`) replaces `noise.level` when given."""
 
-    higher_is_better = False
+    monitor = "val_recon_mse"
+    mode = "min"
 
     def __init__(self, model: AutoEncoder, cfg, label: str, tag: str, background: float = -1.0,
                  noise_level: float | None = None):
@@ -179,10 +167,10 @@ class AutoencoderStage(Stage):
         self.code_low = -1.0 if isinstance(model.activation, nn.Tanh) else 0.0
         # Plain Python copies of the settings the loss reads at every step (a config lookup
         # costs microseconds, as much as a small layer's forward pass).
-        self.noise_kind = cfg.noise.kind
+        self.noise_kind = Noise(cfg.noise.kind)
         self.noise_level = cfg.noise.level if noise_level is None else noise_level
-        self.bce = cfg.loss == "bce"
-        self.sparsity_kind = cfg.sparsity.kind
+        self.bce = cfg.loss == ReconLoss.bce
+        self.sparsity_kind = Sparsity(cfg.sparsity.kind)
         self.sparsity_weight, self.sparsity_target = cfg.sparsity.weight, cfg.sparsity.target
 
     def reconstruction_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,10 +188,10 @@ class AutoencoderStage(Stage):
             loss = F.binary_cross_entropy_with_logits(out, x, reduction="sum") / len(x)
         else:
             loss = F.mse_loss(out, x)
-        if self.sparsity_kind == "kl":
+        if self.sparsity_kind == Sparsity.kl:
             loss = loss + self.sparsity_weight * kl_sparsity(codes, self.sparsity_target,
                                                              self.code_low)
-        elif self.sparsity_kind == "l1":
+        elif self.sparsity_kind == Sparsity.l1:
             loss = loss + self.sparsity_weight * codes.abs().mean()
         return loss
 
@@ -213,25 +201,43 @@ class AutoencoderStage(Stage):
         err = (self.reconstruct(x) - x).pow(2).sum()
         return [err, torch.tensor(float(x.numel()), device=x.device)]
 
-    def val_metrics(self, sums: list[float]) -> dict:
-        return {"val_recon_mse": sums[0] / sums[1]}
-
 
 class ClassifierStage(Stage):
     """Cross-entropy training of `model` = Sequential(body, head); the body's learning rate is
-    scaled by `encoder_lr_scale` (the course notebook's idea to spare the pretrained features)."""
+    scaled by `encoder_lr_scale` (the course notebook's idea to spare the pretrained features).
+    With `dropout` in its config (fine-tuning, scratch), the training loss drops inputs and hidden
+    units; the network itself has no dropout layer, so evaluation and saved weights are as
+    without."""
+
+    def __init__(self, model: nn.Sequential, cfg, label: str, tag: str):
+        super().__init__(model, cfg, label, tag)
+        dropout = cfg.get("dropout")
+        self.p_input = dropout.input if dropout else 0.0
+        self.p_hidden = dropout.hidden if dropout else 0.0
 
     def param_groups(self) -> list[dict]:
         body, head = self.model[0], self.model[1]
         groups = [{"params": list(head.parameters())}]
         body_params = [p for p in body.parameters() if p.requires_grad]
         if body_params:
-            scale = self.cfg.get("encoder_lr_scale", 1.0)
-            groups.append({"params": body_params, "lr_scale": scale})
+            groups.append({"params": body_params, "lr_scale": self.cfg.get("encoder_lr_scale",
+                                                                          1.0)})
         return groups
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The training forward pass: the network, with dropout on the input and after every
+        hidden activation when configured."""
+        if not (self.p_input or self.p_hidden):
+            return self.model(x)
+        x = F.dropout(x, self.p_input)
+        for layer in self.model[0]:
+            x = layer(x)
+            if not isinstance(layer, nn.Linear):  # an activation: a hidden layer's output
+                x = F.dropout(x, self.p_hidden)
+        return self.model[1](x)
+
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.model(x), y)
+        return F.cross_entropy(self.logits(x), y)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
@@ -239,8 +245,47 @@ class ClassifierStage(Stage):
         correct = (self.model(x).argmax(1) == y).sum().float()
         return [correct, torch.tensor(float(len(y)), device=x.device)]
 
-    def val_metrics(self, sums: list[float]) -> dict:
-        return {"val_acc": sums[0] / sums[1]}
+
+# ---------------------------------------------------------------------------------------------
+# Per-epoch concerns
+
+
+class EpochRecord(pl.Callback):
+    """Each epoch: the stage's history entry, the epoch's scalars to every logger (under the
+    stage's tag, step = epoch) and one log line."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, stage: Stage) -> None:
+        epoch = stage.current_epoch + 1
+        record = {"epoch": epoch, "train_loss": stage.epoch_loss()}
+        if stage.monitor in trainer.callback_metrics:
+            record[stage.monitor] = float(trainer.callback_metrics[stage.monitor])
+        stage.history.append(record)
+        scalars = {f"{stage.tag}/{k}": v for k, v in record.items() if k != "epoch"}
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=epoch)
+        if trainer.global_rank == 0:
+            stage.meter.epoch_done(stage.label, epoch, stage.cfg.epochs, record)
+
+
+class KeepBest(pl.Callback):
+    """Keep the weights of the best validation epoch in memory and load them when the fit ends
+    (model selection on validation only; without a validation split, the last epoch's)."""
+
+    def __init__(self):
+        self.best: float | None = None
+        self.state: dict | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, stage: Stage) -> None:
+        if trainer.sanity_checking or stage.monitor not in trainer.callback_metrics:
+            return
+        score = float(trainer.callback_metrics[stage.monitor])
+        if self.best is None or (score > self.best if stage.mode == "max" else score < self.best):
+            self.best = score
+            self.state = {k: v.detach().clone() for k, v in stage.model.state_dict().items()}
+
+    def on_fit_end(self, trainer: pl.Trainer, stage: Stage) -> None:
+        if self.state is not None:
+            stage.model.load_state_dict(self.state)
 
 
 class EvalBatches:

@@ -1,0 +1,183 @@
+"""Progress during long work: a live line on a terminal, one log line per epoch elsewhere.
+
+The step loop calls `Meter.step()` after every optimiser step: a counter, a read of the stop flag
+and, every few steps, a clock read; the live line is redrawn at most `REDRAW_S` apart and shows
+what is already on the host (the last epoch's loss and validation metric), so drawing never waits
+for the device.
+
+Time left is estimated from work, not epochs: a step's work is its minibatch size times the
+weights of the network it trains (an autoencoder's encoder and decoder, a classifier's layers).
+The current stage's remainder is its remaining work at the speed it has shown so far; later stages
+at the speed the run has shown over all its training so far.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from saelab.errors import Interrupted
+from saelab.signals import STOP
+
+log = logging.getLogger("saelab")
+
+REDRAW_S = 0.25
+CHECK_EVERY = 16  # steps between clock reads: a step takes 0.1 ms or more
+
+
+class Meter:
+    """What the step loop reports to: steps done, stop requests, and the display (if any)."""
+
+    __slots__ = ("steps", "display")
+
+    def __init__(self):
+        self.steps = 0
+        self.display: Progress | None = None
+
+    def step(self) -> None:
+        self.steps += 1
+        if STOP.signum is not None:
+            raise Interrupted(STOP.signum)
+        if self.display is not None and not self.steps % CHECK_EVERY:
+            self.display.tick(self.steps)
+
+    def epoch_done(self, label: str, epoch: int, epochs: int, record: dict) -> None:
+        if self.display is not None:
+            self.display.epoch_done(self.steps, epoch, record)
+        else:
+            log.info("%s", epoch_line(label, epoch, epochs, record))
+
+
+def epoch_line(label: str, epoch: int, epochs: int, record: dict) -> str:
+    text = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch")
+    return f"{label} epoch {epoch}/{epochs}: {text}"
+
+
+def clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+@dataclass
+class Estimator:
+    """Time left, from the work of each stage still to train (see the module's docstring)."""
+
+    work: dict[str, float]  # stage -> total work (steps x batch x weights); 0 if not trained
+    done: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def update(self, stage: str, done: float, seconds: float) -> None:
+        self.done[stage], self.seconds[stage] = done, seconds
+
+    def speed(self, stages: list[str]) -> float | None:
+        work = sum(self.done.get(s, 0.0) for s in stages)
+        secs = sum(self.seconds.get(s, 0.0) for s in stages)
+        return work / secs if work and secs > 0 else None
+
+    def stage_left(self, stage: str) -> float | None:
+        left = self.work[stage] - self.done.get(stage, 0.0)
+        speed = self.speed([stage]) or self.speed(list(self.work))
+        return None if speed is None else max(left, 0.0) / speed
+
+    def run_left(self, stage: str) -> float | None:
+        """Seconds left in `stage` and every stage after it."""
+        names = list(self.work)
+        later = sum(self.work[s] for s in names[names.index(stage) + 1:])
+        here, speed = self.stage_left(stage), self.speed(names)
+        if here is None or (later and speed is None):
+            return None
+        return here + (later / speed if later else 0.0)
+
+
+class Progress:
+    """One run's display. `bar`: a live line per stage on `stream`; `lines`: per-epoch log lines.
+    In bar mode, log records (on the same terminal) clear the line before they print."""
+
+    def __init__(self, mode: str, work: dict[str, float], stream: TextIO | None = None):
+        self.stream = stream or sys.stdout
+        self.bar = mode == "bar" or (mode == "auto" and self.stream.isatty())
+        self.estimate = Estimator(work)
+        self.stage = self.label = ""
+        self.epochs = self.steps_per_epoch = 0
+        self.unit = 0.0
+        self.start = self._next = 0.0
+        self.last: dict = {}
+        self._drawn = False
+        if self.bar:
+            self._filter = _ClearLine(self)
+            for handler in logging.getLogger().handlers:
+                handler.addFilter(self._filter)
+
+    def close(self) -> None:
+        self.clear()
+        if self.bar:
+            for handler in logging.getLogger().handlers:
+                handler.removeFilter(self._filter)
+
+    def begin(self, stage: str, label: str, epochs: int, steps_per_epoch: int,
+              unit: float, meter: Meter) -> None:
+        """A stage starts training: `unit` is the work of one of its steps."""
+        self.stage, self.label, self.epochs = stage, label, epochs
+        self.steps_per_epoch, self.unit = steps_per_epoch, unit
+        self.start = time.monotonic()
+        self.last = {}
+        meter.steps = 0
+        meter.display = self
+        self.tick(0, force=True)
+
+    def tick(self, steps: int, force: bool = False) -> None:
+        now = time.monotonic()
+        self.estimate.update(self.stage, steps * self.unit, now - self.start)
+        if self.bar and (force or now >= self._next):
+            self._next = now + REDRAW_S
+            self.draw(steps, now)
+
+    def epoch_done(self, steps: int, epoch: int, record: dict) -> None:
+        self.last = record
+        if self.bar:
+            self.tick(steps, force=True)
+        else:
+            log.info("%s", epoch_line(self.label, epoch, self.epochs, record))
+
+    def line(self, steps: int, now: float) -> str:
+        """The live line: stage, epoch, a bar of the stage's steps, times, latest numbers."""
+        total = max(self.epochs * self.steps_per_epoch, 1)
+        frac = min(steps / total, 1.0)
+        epoch = min(steps // max(self.steps_per_epoch, 1) + 1, self.epochs)
+        filled = int(frac * 20)
+        numbers = " ".join(f"{k} {v:.4g}" for k, v in self.last.items() if k != "epoch")
+        return (f"{self.label}: epoch {epoch}/{self.epochs} [{'#' * filled}{'.' * (20 - filled)}] "
+                f"{frac:4.0%} {clock(now - self.start)} elapsed, "
+                f"~{clock(self.estimate.stage_left(self.stage))} left "
+                f"(run ~{clock(self.estimate.run_left(self.stage))}) {numbers}").rstrip()
+
+    def draw(self, steps: int, now: float) -> None:
+        width = shutil.get_terminal_size((100, 20)).columns - 1
+        self.stream.write("\r\033[K" + self.line(steps, now)[:width])
+        self.stream.flush()
+        self._drawn = True
+
+    def clear(self) -> None:
+        if self._drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self._drawn = False
+
+
+class _ClearLine(logging.Filter):
+    """Clears the live line before a log record prints (the next tick redraws it)."""
+
+    def __init__(self, progress: Progress):
+        super().__init__()
+        self.progress = progress
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.progress.clear()
+        return True
