@@ -1,4 +1,7 @@
-"""Shared fixtures: the offline mirror beside the repo, a private cache, tiny-run overrides."""
+"""Shared fixtures: the offline mirror beside the repo, a private cache, tiny-run overrides.
+
+Tests that start the command line in a subprocess (an end-to-end run) are marked `slow`; the edit
+loop is `pytest -m "not slow"`."""
 
 from __future__ import annotations
 
@@ -17,12 +20,16 @@ os.environ["SAELAB_MIRROR"] = str(Path(os.environ.get("SAELAB_MIRROR",
                                                       REPO.parent / "shared" / "data")).resolve())
 os.environ.setdefault("SAELAB_CACHE", tempfile.mkdtemp(prefix="saelab-cache-"))
 
-# A real but small run: a few thousand MNIST images, one or two epochs per stage, on the CPU.
+# A real but small run: a few thousand MNIST images, one to three epochs per stage, on the CPU.
 TINY = [
     "data.train_limit=3000", "data.val_size=500", "data.test_limit=1000", "data.batch_size=32",
     "baseline.epochs=2", "pretrain.epochs=3", "probe.epochs=3", "finetune.epochs=2",
     "trainer.accelerator=cpu",
 ]
+# Smaller still, for runs that only check the run folder's behaviour: one hidden layer pair.
+QUICK = ["data.train_limit=600", "data.val_size=200", "data.test_limit=300",
+         "model.sizes=[784,32,9]", "trainer.accelerator=cpu", "visualize.enabled=false",
+         *(f"{stage}.epochs=1" for stage in ("baseline", "pretrain", "probe", "finetune"))]
 
 
 def compose_cfg(*overrides: str):
@@ -32,10 +39,21 @@ def compose_cfg(*overrides: str):
     return compose_raw(list(overrides))
 
 
-def run_cli(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m saelab` with `overrides`, writing into `run_dir`."""
-    cmd = [sys.executable, "-m", "saelab", *overrides, f"hydra.run.dir={run_dir}"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+def run_cli(run_dir: Path | None, *overrides: str, timeout: int = 300,
+            cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`python -m saelab` with `overrides`, writing into `run_dir` (if given)."""
+    where = [f"hydra.run.dir={run_dir}"] if run_dir is not None else []
+    cmd = [sys.executable, "-m", "saelab", *overrides, *where]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def folder_state(path: Path, attempt: bool = False) -> dict[str, tuple[bytes, int]]:
+    """Every file under `path`: its bytes and modification time (to show nothing changed).
+    `attempt`: leave out what a refused run may touch: the lock it took (naming itself) and the
+    log lines it wrote before refusing."""
+    skip = {".lock", "saelab.log"} if attempt else set()
+    return {str(p.relative_to(path)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(path.rglob("*")) if p.is_file() and p.name not in skip}
 
 
 @pytest.fixture(scope="session")

@@ -1,75 +1,28 @@
-"""The experiment end to end on a slice of real MNIST: metrics, models, bad input, resume."""
+"""The experiment on a slice of real MNIST: metrics, the networks each stage leaves, the scratch
+control, learning from few labels, dropout."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import pytorch_lightning as pl
 import torch
-from conftest import TINY, compose_cfg, run_cli
+from conftest import QUICK, TINY, compose_cfg, run_cli
 
 from saelab.autoencoder import AutoEncoder, stack_encoders
-from saelab.config import validate
+from saelab.config import compose
 from saelab.data import Minibatches, load_splits
-from saelab.errors import ConfigError
 from saelab.pipeline import run_experiment
-from saelab.stages import AutoencoderStage, EvalBatches
+from saelab.runfolder import expected
+from saelab.stages import AutoencoderStage, ClassifierStage, EvalBatches
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """An in-process tiny run, for tests that look at the trained models."""
-    cfg = compose_cfg(*TINY)
-    validate(cfg)
-    return run_experiment(cfg, tmp_path_factory.mktemp("inproc"))
-
-
-def test_tiny_run_writes_complete_metrics_far_above_chance(tiny_run):
-    m = json.loads((tiny_run / "metrics.json").read_text())
-    assert m["data"] | {"n_train": 3000, "n_val": 500, "n_test": 1000} == m["data"]
-    assert m["data"]["source"].startswith(("mirror:", "cache:"))
-    assert [(layer["in"], layer["out"]) for layer in m["pretrain"]] == [
-        (784, 196), (196, 49), (49, 25), (25, 9)]
-    assert all(0 < layer["val_recon_mse"] < 1 for layer in m["pretrain"])
-    # chance is 0.1; the probe reads only 9 codes learned from 3,000 images in 3 epochs
-    assert m["baseline"]["test_acc"] > 0.7 and m["finetune"]["test_acc"] > 0.7
-    assert m["probe"]["test_acc"] > 0.3
-    assert m["finetune"]["val_acc"] > 0.7
-    assert sorted(m["finetune"]["per_class_acc"]) == [str(d) for d in range(10)]
-    assert sum(map(sum, m["finetune"]["confusion_matrix"])) == 1000
-    assert set(m["timings"]) == {"baseline_s", "pretrain_s", "probe_s", "finetune_s", "total_s"}
-    ckpts = {p.name for p in (tiny_run / "checkpoints").iterdir()}
-    assert ckpts == {"baseline.pt", "probe.pt", "finetune.pt",
-                     *(f"pretrain_layer{i}.pt" for i in range(1, 5))}
-    assert list((tiny_run / "tensorboard").glob("events.out.tfevents.*"))
-
-
-def test_cli_prints_summary_table(tmp_path):
-    proc = run_cli(tmp_path / "run", *TINY, "data.classes=[0,9]", "model.sizes=[784,300,100,30]",
-                   "data.batch_size=256", "seed=1")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    table = proc.stdout
-    assert "baseline" in table and "probe" in table and "finetune" in table
-    assert str(tmp_path / "run") in table
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["data"]["classes"] == [0, 9] and m["finetune"]["test_acc"] > 0.95
-
-
-def test_autoencoder_loss_decreases():
-    cfg = compose_cfg(*TINY, "pretrain.epochs=3")
-    data = load_splits(cfg.data, seed=0)
-    ae = AutoEncoder(784, 196)
-    stage = AutoencoderStage(ae, cfg.pretrain, "pretrain layer 1", "pretrain/layer1")
-    before = stage.evaluate(data.val_x)
-    import pytorch_lightning as pl
-
-    pl.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False).fit(
-        stage, Minibatches(data.train_x, None, 128), EvalBatches(data.val_x, data.val_x))
-    after = stage.evaluate(data.val_x)
-    losses = [h["train_loss"] for h in stage.history]
-    assert losses[0] > losses[1] > losses[2]
-    assert after[0] / after[1] < 0.5 * before[0] / before[1]
+    """An in-process quick run, for tests that look at the trained networks; scratch with a
+    vanishing learning rate ends where it started."""
+    return run_experiment(compose([*QUICK, "scratch.lr=1e-12"]), tmp_path_factory.mktemp("run"))
 
 
 def test_stack_equals_sequential_encoders_and_probe_keeps_them(tiny):
@@ -89,79 +42,148 @@ def test_stack_equals_sequential_encoders_and_probe_keeps_them(tiny):
     assert not torch.equal(tiny.finetuned[1].weight, tiny.probe[1].weight)
 
 
-BAD_INPUT = [
-    ("model.sizes=[100,50]", "model.sizes", "784"),
-    ("model.sizes=[784]", "model.sizes", "at least 2"),
-    ("model.sizes=[784,0,9]", "model.sizes", "positive"),
-    ("data.classes=[0,12]", "data.classes", "0..9"),
-    ("data.classes=[3,3]", "data.classes", "2 distinct"),
-    ("data.classes=[3]", "data.classes", "2 distinct"),
-    ("data.name=cifar", "data.name", "mnist, fashion_mnist"),
-    ("pretrain.lr=0", "pretrain.lr", "> 0"),
-    ("finetune.lr=-1e-3", "finetune.lr", "> 0"),
-    ("data.batch_size=0", "data.batch_size", "> 0"),
-    ("probe.batch_size=-5", "probe.batch_size", "> 0"),
-    ("baseline.epochs=-1", "baseline.epochs", ">= 0"),
-    ("data.mirror=/nonexistent/mirror", "data.mirror", "does not exist"),
-]
+def test_scratch_starts_from_the_encoders_initial_weights_and_never_sees_pretrained_ones(tiny):
+    """With a vanishing learning rate scratch ends where it started: at the initial weights of
+    each autoencoder's encoder and of the probe's head, re-drawn here from the random state each
+    checkpoint recorded (autoencoder k is drawn right after layer k-1 ends)."""
+    run = tiny
+    ckpt = {p.stem: torch.load(p, weights_only=True) for p in (run.dir / "checkpoints").iterdir()}
+    pl.seed_everything(0, verbose=False)
+    torch.nn.Linear(784, 10)  # the baseline's head
+    linears = [m for m in run.scratch[0] if isinstance(m, torch.nn.Linear)]
+    for k, (lin, ae) in enumerate(zip(linears, run.autoencoders, strict=True), start=1):
+        if k > 1:
+            torch.set_rng_state(ckpt[f"pretrain_layer{k - 1}"]["rng"]["cpu"])
+        initial = AutoEncoder(ae.encoder.in_features, ae.encoder.out_features).encoder
+        torch.testing.assert_close(lin.weight, initial.weight, rtol=0, atol=1e-9)
+        assert (lin.weight - ae.encoder.weight).abs().max() > 1e-3  # not the pretrained ones
+    torch.set_rng_state(ckpt["pretrain_layer2"]["rng"]["cpu"])
+    stack_encoders(run.autoencoders)  # the probe's frozen stack is built first
+    head = torch.nn.Linear(9, 10)  # the probe's head, before the probe trained it
+    torch.testing.assert_close(run.scratch[1].weight, head.weight, rtol=0, atol=1e-9)
+    assert not torch.equal(run.probe[1].weight, head.weight)
 
 
-@pytest.mark.parametrize("override, key, allowed", BAD_INPUT)
-def test_bad_config_names_key_and_allowed(override, key, allowed):
-    with pytest.raises(ConfigError) as err:
-        validate(compose_cfg(override))
-    assert err.value.key == key
-    assert allowed in str(err.value)
+def test_tiny_in_process_run_metrics_and_fingerprints(tiny):
+    m = tiny.metrics
+    assert m["data"] | {"n_train": 600, "n_val": 200, "n_test": 300, "n_labelled_train": 600,
+                        "n_labelled_val": 200} == m["data"]
+    want = expected(tiny.cfg, m["data"]["checksums"])
+    for name in ("baseline", "probe", "finetune", "scratch"):
+        assert m[name]["fingerprint"] == want[name].fingerprint and m[name]["origin"] == "trained"
+    assert [layer["fingerprint"] for layer in m["pretrain"]] == [
+        want[f"pretrain_layer{k}"].fingerprint for k in (1, 2)]
+    assert set(m["versions"]) == {"python", "saelab", "torch", "lightning", "hydra", "omegaconf",
+                                  "tensorboard"}
+    assert m["device"].startswith("cpu")
 
 
-@pytest.mark.parametrize("override, key", [
-    ("model.sizes=[784,0,9]", "model.sizes"),
-    ("data.classes=[0,12]", "data.classes"),
-    ("pretrain.lr=0", "pretrain.lr"),
-])
-def test_cli_bad_input_exits_2_with_one_line(tmp_path, override, key):
-    proc = run_cli(tmp_path / "run", override)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert proc.stderr.startswith(f"saelab: error: {key}=")
-    assert not (tmp_path / "run" / "metrics.json").exists()  # failed before any training
+def test_autoencoder_loss_decreases():
+    cfg = compose_cfg(*TINY, "pretrain.epochs=3")
+    data = load_splits(cfg.data, seed=0)
+    ae = AutoEncoder(784, 196)
+    stage = AutoencoderStage(ae, cfg.pretrain, "pretrain layer 1", "pretrain/layer1")
+    before = stage.evaluate(data.val_x)
+    pl.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(
+        stage, Minibatches(data.train_x, None, 128), EvalBatches(data.val_x, data.val_x))
+    after = stage.evaluate(data.val_x)
+    losses = [h["train_loss"] for h in stage.history]
+    assert losses[0] > losses[1] > losses[2]
+    assert after[0] / after[1] < 0.5 * before[0] / before[1]
 
 
-def test_cli_corrupt_mirror_exits_2(tmp_path):
-    (tmp_path / "mirror" / "MNIST" / "raw").mkdir(parents=True)
-    (tmp_path / "mirror" / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"\0" * 99)
-    proc = run_cli(tmp_path / "run", f"data.mirror={tmp_path / 'mirror'}",
-                   f"data.root={tmp_path / 'cache'}")
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("saelab: error: data.mirror=")
-    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+def test_labels_per_class_subsets_what_the_labelled_stages_see():
+    full = load_splits(compose_cfg(*QUICK).data, seed=0)
+    cfg = compose(["data.labels_per_class=7", "data.labelled_val_per_class=3", *QUICK])
+    few = load_splits(cfg.data, seed=0)
+    # pretraining's splits are those of a run with every label
+    assert torch.equal(few.train_x, full.train_x) and torch.equal(few.val_x, full.val_x)
+    x, y = few.labelled("train")
+    assert torch.bincount(y).tolist() == [7] * 10 and len(x.unique(dim=0)) == 70
+    _, vy = few.labelled("val")
+    assert torch.bincount(vy).tolist() == [3] * 10
+    assert few.summary()["n_labelled_train"] == 70 and few.summary()["n_labelled_val"] == 30
+    # labelled images are training images, drawn per seed
+    rows = {r.numpy().tobytes() for r in few.train_x}
+    assert all(r.numpy().tobytes() in rows for r in x)
+    other = load_splits(cfg.data, seed=1)
+    assert not torch.equal(other.labelled("train")[0], x)
+    # the validation subset defaults to labels_per_class, capped at the split's classes
+    default = load_splits(compose(["data.labels_per_class=50", *QUICK]).data, seed=0)
+    assert torch.bincount(default.labelled("val")[1]).tolist() == torch.clamp(
+        torch.bincount(default.val_y), max=50).tolist()
 
 
-def test_non_finite_loss_stops_naming_stage_and_keeps_earlier_stages(tmp_path):
-    proc = run_cli(tmp_path / "run", *TINY, "pretrain.optimizer=sgd", "pretrain.lr=1e12")
-    assert proc.returncode == 1
-    assert "pretrain layer 1" in proc.stderr and "lower learning rate" in proc.stderr
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["baseline"]["test_acc"] > 0.7 and "finetune" not in m
-    assert (tmp_path / "run" / "checkpoints" / "baseline.pt").exists()
+def test_pretraining_fingerprint_does_not_depend_on_labels_per_class():
+    sums = {"f": "0"}
+    runs = [expected(compose([*QUICK, *extra]), sums)
+            for extra in ([], ["data.labels_per_class=10"], ["data.labels_per_class=100"])]
+    assert len({r["pretrain_layer1"].fingerprint for r in runs}) == 1
+    for stage in ("baseline", "probe", "finetune", "scratch"):
+        assert len({r[stage].fingerprint for r in runs}) == 3
 
 
-def test_resume_loads_finished_stages_and_trains_the_rest(tmp_path):
-    run_dir = tmp_path / "run"
-    assert run_cli(run_dir, *TINY).returncode == 0
-    first = json.loads((run_dir / "metrics.json").read_text())
-    # simulate a crash during fine-tuning: its checkpoint and metrics are missing
-    (run_dir / "checkpoints" / "finetune.pt").unlink()
-    (run_dir / "metrics.json").write_text(json.dumps({k: v for k, v in first.items()
-                                                       if k != "finetune"}))
-    proc = run_cli(tmp_path / "resume", f"resume={run_dir}")
+def test_few_labels_run_trains_labelled_stages_on_exactly_n_per_class(tmp_path):
+    run = run_experiment(compose([*QUICK, "data.labels_per_class=5"]), tmp_path)
+    m = run.metrics
+    assert (m["data"]["n_labelled_train"], m["data"]["n_labelled_val"]) == (50, 50)
+    assert m["data"]["n_train"] == 600
+    # one epoch of 50 images in minibatches of 128: one step, for every labelled stage
+    for stage in ("baseline", "probe", "finetune", "scratch"):
+        assert len(m[stage]["history"]) == 1 and 0 <= m[stage]["test_acc"] <= 1
+
+
+def test_dropout_applies_to_the_training_loss_only():
+    torch.manual_seed(0)
+    cfg = compose(["finetune.dropout.input=0.2", "finetune.dropout.hidden=0.5"]).finetune
+    net = torch.nn.Sequential(stack_encoders([AutoEncoder(784, 64), AutoEncoder(64, 16)]),
+                              torch.nn.Linear(16, 10))
+    stage = ClassifierStage(net, cfg, "finetune", "finetune")
+    x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
+    assert not torch.equal(stage.logits(x), stage.logits(x))  # masks drawn at every call
+    assert torch.equal(stage.model(x), stage.model(x))  # the network itself has no dropout
+    correct, n = stage.evaluate(x, y)
+    assert float(correct) == float((net(x).argmax(1) == y).sum()) and float(n) == 256
+    plain = ClassifierStage(net, compose().finetune, "finetune", "finetune")
+    assert torch.equal(plain.logits(x), net(x))
+    # scratch follows fine-tuning's dropout unless set
+    assert compose(["finetune.dropout.hidden=0.3"]).scratch.dropout.hidden == 0.3
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_complete_metrics_far_above_chance(tiny_run):
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    assert m["data"]["source"].startswith(("mirror:", "cache:"))
+    assert [(layer["in"], layer["out"]) for layer in m["pretrain"]] == [
+        (784, 196), (196, 49), (49, 25), (25, 9)]
+    assert all(0 < layer["val_recon_mse"] < 1 for layer in m["pretrain"])
+    # chance is 0.1; the probe reads only 9 codes learned from 3,000 images in 3 epochs
+    assert m["baseline"]["test_acc"] > 0.7 and m["finetune"]["test_acc"] > 0.7
+    assert m["scratch"]["test_acc"] > 0.6
+    assert m["probe"]["test_acc"] > 0.3
+    assert m["finetune"]["val_acc"] > 0.7
+    assert sorted(m["finetune"]["per_class_acc"]) == [str(d) for d in range(10)]
+    assert sum(map(sum, m["finetune"]["confusion_matrix"])) == 1000
+    stages = ["baseline", *(f"pretrain_layer{i}" for i in range(1, 5)), "probe", "finetune",
+              "scratch"]
+    assert list(m["timings"]) == ["startup_s", "data_s", *(f"{s}_s" for s in stages),
+                                  "figures_s", "total_s"]
+    assert m["timings"]["total_s"] == pytest.approx(
+        sum(v for k, v in m["timings"].items() if k != "total_s"))
+    ckpts = {p.name for p in (tiny_run / "checkpoints").iterdir()}
+    assert ckpts == {f"{s}.pt" for s in stages}
+    assert list((tiny_run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_cli_prints_summary_table_with_a_row_per_part(tmp_path):
+    proc = run_cli(tmp_path / "run", *QUICK, "data.classes=[0,9]", "seed=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    log = proc.stdout + proc.stderr
-    for stage in ("baseline", "pretrain layer 1", "pretrain layer 4", "probe"):
-        assert f"{stage}: loaded from" in log
-    assert "finetune: loaded" not in log and "finetune epoch 2/2" in log
-    second = json.loads((run_dir / "metrics.json").read_text())
-    for stage in ("baseline", "probe"):
-        assert second[stage]["test_acc"] == first[stage]["test_acc"]
-    assert second["finetune"]["test_acc"] > 0.7
-    assert (run_dir / "checkpoints" / "finetune.pt").exists()
+    table = proc.stdout[proc.stdout.index("saelab: mnist"):]
+    for part in ("startup", "data", "baseline", "pretrain layer 1", "probe", "finetune",
+                 "scratch", "total"):
+        assert f"\n{part} " in table
+    assert str(tmp_path / "run") in table
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["data"]["classes"] == [0, 9] and m["finetune"]["test_acc"] > 0.9

@@ -9,14 +9,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TINY, compose_cfg, run_cli
+from conftest import TINY
 from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from saelab.config import validate
+from saelab.config import compose
 from saelab.errors import ConfigError
 from saelab.report import main
+
+pytestmark = pytest.mark.slow  # every test here reads the command line's tiny run
 
 LAYERS = 4  # model.sizes 784-196-49-25-9
 
@@ -100,14 +102,15 @@ def test_saelab_report_rebuilds_a_finished_run_without_training(tiny_run, tmp_pa
     shutil.copytree(tiny_run, run_dir)
     shutil.rmtree(run_dir / "figures")
     (run_dir / "report.md").unlink()
-    checkpoints = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+    kept = [run_dir / "metrics.json", *(run_dir / "checkpoints").iterdir()]
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in kept}
     with caplog.at_level(logging.INFO, logger="saelab"):
         main([str(run_dir)])
     assert {p.name for p in (run_dir / "figures").glob("*.png")} == expected_figures()
     assert (run_dir / "report.md").is_file()
     assert len(list((run_dir / "tensorboard").glob("*.report"))) == 1  # replaced, not added
-    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == checkpoints
-    assert sum("not retrained" in r.message for r in caplog.records) == 7  # every stage loaded
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in kept} == before
+    assert not any("epoch" in r.message for r in caplog.records)  # nothing trained
 
 
 def test_saelab_report_refuses_a_folder_that_is_not_a_finished_run(tiny_run, tmp_path, capsys):
@@ -116,27 +119,21 @@ def test_saelab_report_refuses_a_folder_that_is_not_a_finished_run(tiny_run, tmp
     assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith("saelab-report: error: RUN_DIR=")
     unfinished = tmp_path / "unfinished"
-    shutil.copytree(tiny_run / ".hydra", unfinished / ".hydra")
+    shutil.copytree(tiny_run, unfinished)
+    (unfinished / "checkpoints" / "finetune.pt").unlink()
     with pytest.raises(SystemExit) as exit_:
         main([str(unfinished)])
-    assert exit_.value.code == 2 and "not a finished run" in capsys.readouterr().err
-    assert not (unfinished / "checkpoints").exists()  # refused before anything ran
-
-
-def test_bad_visualize_settings_fail_before_training(tmp_path):
-    proc = run_cli(tmp_path / "run", *TINY, "visualize.samples=[3,-1]", timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("saelab: error: visualize.samples=")
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "not a finished run: missing checkpoints/finetune.pt" in err
 
 
 @pytest.mark.parametrize("override, key", [
     ("visualize.samples=[]", "visualize.samples"), ("visualize.samples=4", "visualize.samples"),
+    ("visualize.samples=[3,-1]", "visualize.samples"),
     ("visualize.actmax.norm=0", "visualize.actmax.norm"),
     ("visualize.actmax.steps=1.5", "visualize.actmax.steps"),
     ("visualize.embedding_points=-1", "visualize.embedding_points"),
     ("visualize.enabled=maybe", "visualize.enabled")])
-def test_validate_settings_names_the_bad_key(override, key):
-    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}="):
-        validate(compose_cfg(override))
-    validate(compose_cfg())
+def test_bad_visualize_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}"):
+        compose([override])

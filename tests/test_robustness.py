@@ -7,26 +7,28 @@ import json
 
 import pytest
 import torch
+from conftest import folder_state
 
 from saelab.robustness import LEVELS, main, noisy
 
 
+@pytest.mark.slow
 def test_robustness_csv_plot_and_clean_accuracy_equal_the_run(tiny_run, tmp_path):
-    metrics_before = (tiny_run / "metrics.json").read_bytes()
-    main([str(tiny_run), "--out", str(tmp_path), "--accelerator", "cpu"])
+    before = folder_state(tiny_run)
+    main([str(tiny_run), "--out", str(tmp_path), "--device", "cpu"])
     rows = list(csv.DictReader((tmp_path / "robustness.csv").open()))
-    models = ["pixel baseline", "stacked AE"]
+    models = ["pixel baseline", "stacked AE", f"from scratch [{tiny_run.name}]"]
     assert [(r["model"], r["noise"], float(r["level"])) for r in rows] == [
         (m, kind, level) for m in models for kind, levels in LEVELS.items() for level in levels]
     acc = {(r["model"], r["noise"], float(r["level"])): float(r["test_acc"]) for r in rows}
-    m = json.loads(metrics_before)
-    for model, stage in zip(models, ("baseline", "finetune"), strict=True):
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    for model, stage in zip(models, ("baseline", "finetune", "scratch"), strict=True):
         assert acc[model, "gaussian", 0.0] == pytest.approx(m[stage]["test_acc"], abs=1e-9)
         assert acc[model, "masking", 0.0] == acc[model, "gaussian", 0.0]
         assert acc[model, "gaussian", 1.0] < acc[model, "gaussian", 0.0]
         assert acc[model, "masking", 0.5] < acc[model, "masking", 0.0]
     assert (tmp_path / "robustness.png").stat().st_size > 10_000
-    assert (tiny_run / "metrics.json").read_bytes() == metrics_before
+    assert folder_state(tiny_run) == before  # the run folder is only read
 
 
 def test_noise_is_scaled_to_the_pixel_range_clipped_and_reproducible():

@@ -25,7 +25,7 @@ def execute(cfg: DictConfig, run_dir: Path, overrides: list[str], laps: Laps) ->
     try:
         with handled():
             try:
-                run = run_experiment(cfg, run_dir, overrides, laps)
+                run = run_experiment(cfg, run_dir, overrides, laps, folder)
                 if folder.writer and cfg.visualize.enabled:
                     build_report(run)
                     laps.lap("figures")

@@ -98,9 +98,16 @@ def sweep_jobs(cfg: DictConfig, overrides: list[str]) -> list[list[str]]:
 def front_door(multirun: bool, overrides: list[str]) -> list[str]:
     """Check every job's config; return the overrides to hand Hydra (a resumed run's folder
     pinned with `hydra.run.dir`). Raises ConfigError."""
-    cfg = compose_raw(overrides, hydra=True)
-    multirun = multirun or cfg.hydra.mode == RunMode.MULTIRUN
-    if not multirun:
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:  # noqa: BLE001 - Hydra's grammar errors, made one line
+        raise ConfigError("overrides", " ".join(overrides), str(exc).splitlines()[0]) from None
+    sweeps = [o for o in parsed if o.is_sweep_override()]
+    cfg = compose_raw([o.input_line for o in parsed if not o.is_sweep_override()], hydra=True)
+    if not (multirun or cfg.hydra.mode == RunMode.MULTIRUN):
+        if sweeps:
+            raise ConfigError(sweeps[0].key_or_group, sweeps[0].input_line.split("=", 1)[1],
+                              "a sweep needs -m (a list is written [a,b])")
         if cfg.resume is not None:
             resumed_config(cfg.resume, overrides)
             return [*overrides, f"hydra.run.dir={Path(cfg.resume).expanduser().resolve()}"]

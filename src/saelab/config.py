@@ -175,22 +175,23 @@ def check_bounds(cfg: DictConfig) -> None:
             raise ConfigError(k.path, shown, f"{every}must be {_bounds_text(k.bounds)}")
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, files: bool = True) -> None:
     """Raise ConfigError naming the first bad key, its value and what is allowed. `cfg` is typed by
-    the schema (types and choices already checked); this checks ranges and cross-key rules."""
+    the schema (types and choices already checked); this checks ranges and cross-key rules, and
+    with `files` that the paths it names exist (a finished run read back needs no data)."""
     try:
         check_bounds(cfg)
-        _rules(cfg)
+        _rules(cfg, files)
     except OmegaConfBaseException as exc:  # e.g. an interpolation to a missing key
         raise omegaconf_error(exc) from None
 
 
-def _rules(cfg: DictConfig) -> None:
+def _rules(cfg: DictConfig, files: bool) -> None:
     data, model, pre = cfg.data, cfg.model, cfg.pretrain
     classes = list(data.classes)
     if len(set(classes)) != len(classes) or len(classes) < 2:
         raise ConfigError("data.classes", classes, "needs at least 2 distinct classes in 0..9")
-    if data.mirror and not Path(data.mirror).expanduser().is_dir():
+    if files and data.mirror and not Path(data.mirror).expanduser().is_dir():
         raise ConfigError("data.mirror", data.mirror, "directory does not exist")
     if data.labelled_val_per_class is not None and data.labels_per_class is None:
         raise ConfigError("data.labelled_val_per_class", data.labelled_val_per_class,

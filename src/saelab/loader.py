@@ -120,7 +120,7 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> R
         raise ConfigError("RUN_DIR", str(run_dir),
                           "must be a run folder holding .hydra/config.yaml")
     cfg = load_saved(saved)
-    validate(cfg)
+    validate(cfg, files=False)
     folder = RunFolder(path, writer=False)
     try:
         metrics = json.loads(folder.metrics_path.read_text())

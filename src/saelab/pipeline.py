@@ -218,12 +218,13 @@ def weights(model: nn.Module) -> int:
 
 
 def run_experiment(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None,
-                   laps: Laps | None = None) -> Run:
-    """Run every stage of the experiment described by `cfg` (validated), writing into `out_dir`;
-    the returned Run holds the metrics and the trained networks."""
+                   laps: Laps | None = None, folder: RunFolder | None = None) -> Run:
+    """Run every stage of the experiment described by `cfg` (validated), writing into `out_dir`
+    (through `folder`, whose lock the caller holds, if given); the returned Run holds the metrics
+    and the trained networks."""
     laps = laps or Laps()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    folder = RunFolder(out_dir, writer=is_main_process())
+    folder = folder or RunFolder(out_dir, writer=is_main_process())
     device = data_device(cfg)
     log.info("loading the data: %s, classes %s", cfg.data.name, list(cfg.data.classes))
     data = load_splits(cfg.data, cfg.seed, device)

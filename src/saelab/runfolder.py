@@ -181,7 +181,8 @@ def read_checkpoint(path: Path) -> dict:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated zip, unpickling errors, I/O errors
-        raise DamagedCheckpoint(f"{path} is unreadable ({type(exc).__name__}: {exc})") from None
+        reason = str(exc).split(". ")[0][:100]
+        raise DamagedCheckpoint(f"{path} is unreadable ({type(exc).__name__}: {reason})") from None
     if not isinstance(saved, dict) or "state_dict" not in saved:
         raise DamagedCheckpoint(f"{path} is not a saelab checkpoint")
     return saved

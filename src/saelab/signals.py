@@ -42,7 +42,9 @@ STOP = StopRequest()
 @contextmanager
 def handled() -> Iterator[StopRequest]:
     """SIGTERM and SIGINT set STOP while the block runs (main thread only; elsewhere, e.g. in a
-    launcher's worker thread, the block runs without them)."""
+    launcher's worker thread, the block runs without them). A run starts with no stop request:
+    a sweep checks STOP before starting a job, and skips it."""
+    STOP.signum = None
     if threading.current_thread() is not threading.main_thread():
         yield STOP
         return

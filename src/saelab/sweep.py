@@ -1,9 +1,14 @@
-"""Sweep summary: at the end of a multirun, one table of every job's overrides and accuracies.
+"""Sweep summary: at the end of a multirun, one table of every job's overrides and accuracies,
+statistics over seeds, and a figure of accuracy against a swept number (labels per class).
 
 Registered as a Hydra callback in `conf/config.yaml`, it reads what each job left in its folder
 (`.hydra/overrides.yaml` and `metrics.json`) rather than the launcher's return values, so it works
 alike for the basic, joblib and SLURM launchers and for the Optuna sweeper, and a job that failed
-(its error recorded in its `metrics.json` by the CLI) or died is still a row.
+(its error recorded in its `metrics.json`), was stopped or died is still a row.
+
+Jobs whose overrides differ only in `seed` form a group: mean ± standard deviation (ddof 1) of
+every accuracy over the seeds that finished, how many did and did not, and the per-seed paired
+difference fine-tuned - scratch with its 95% Student's t interval.
 """
 
 from __future__ import annotations
@@ -18,16 +23,15 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-# (column, stage in metrics.json, key): fine-tuned validation accuracy first, the sort key.
-METRICS = [
-    ("finetune_val_acc", "finetune", "val_acc"),
-    ("finetune_test_acc", "finetune", "test_acc"),
-    ("probe_val_acc", "probe", "val_acc"),
-    ("probe_test_acc", "probe", "test_acc"),
-    ("baseline_val_acc", "baseline", "val_acc"),
-    ("baseline_test_acc", "baseline", "test_acc"),
-    ("total_s", "timings", "total_s"),
-]
+from saelab.runfolder import CLASSIFIERS, OVERRIDES
+from saelab.stats import mean_interval, mean_std
+
+# Classifier stages in the order of the table's columns: fine-tuned first (its validation
+# accuracy is the sort key), then the others, latest first.
+ORDER = ("finetune", *(s for s in reversed(CLASSIFIERS) if s != "finetune"))
+COLUMNS = [*(f"{s}_{k}" for s in ORDER for k in ("val_acc", "test_acc")), "total_s"]
+SEED = "seed"
+LABELS = "data.labels_per_class"
 
 
 @dataclass
@@ -38,6 +42,7 @@ class JobRow:
     overrides: dict[str, str]
     metrics: dict[str, float]
     error: str | None
+    labelled_per_class: float | None = None  # labelled training images per class it used
 
     @property
     def sort_key(self) -> tuple:
@@ -50,26 +55,62 @@ class JobRow:
 
 def read_job(job_dir: Path, sweep_dir: Path) -> JobRow:
     """The row of the job in `job_dir`, whatever state it ended in."""
-    listed = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml") or []
+    listed = OmegaConf.load(job_dir / OVERRIDES) or []
     overrides = dict(item.split("=", 1) if "=" in item else (item, "") for item in listed)
+    name = str(job_dir.relative_to(sweep_dir))
     path = job_dir / "metrics.json"
     if not path.exists():
-        return JobRow(str(job_dir.relative_to(sweep_dir)), overrides, {},
-                      "no metrics.json: the job died before its first stage")
+        return JobRow(name, overrides, {}, "no metrics.json: the job died before its first stage")
     saved: dict[str, Any] = json.loads(path.read_text())
-    metrics = {column: float(saved[stage][key]) for column, stage, key in METRICS
-               if key in saved.get(stage, {})}
+    metrics = {f"{stage}_{key}": float(saved[stage][key]) for stage in ORDER
+               for key in ("val_acc", "test_acc") if key in saved.get(stage, {})}
+    if "total_s" in saved.get("timings", {}):
+        metrics["total_s"] = float(saved["timings"]["total_s"])
     error = saved.get("error")
+    if error is None and "interrupted" in saved:
+        error = f"interrupted by signal {saved['interrupted']}"
     if error is None and "finetune" not in saved:
         error = "incomplete: no fine-tuning results (interrupted?)"
-    return JobRow(str(job_dir.relative_to(sweep_dir)), overrides, metrics, error)
+    data = saved.get("data", {})
+    per_class = data["n_labelled_train"] / len(data["classes"]) if "n_labelled_train" in data \
+        else None
+    return JobRow(name, overrides, metrics, error, per_class)
 
 
 def collect(sweep_dir: Path) -> list[JobRow]:
     """Every job folder under `sweep_dir` (each holds `.hydra/overrides.yaml`), sorted."""
-    jobs = [read_job(p.parent.parent, sweep_dir)
-            for p in sweep_dir.glob("**/.hydra/overrides.yaml")]
+    jobs = [read_job(p.parent.parent, sweep_dir) for p in sweep_dir.glob(f"**/{OVERRIDES}")]
     return sorted(jobs, key=lambda row: row.sort_key)
+
+
+@dataclass
+class Group:
+    """Jobs that differ only in their seed."""
+
+    overrides: dict[str, str]
+    rows: list[JobRow]
+
+    @property
+    def finished(self) -> list[JobRow]:
+        return [r for r in self.rows if r.error is None]
+
+    def values(self, column: str) -> list[float]:
+        return [r.metrics[column] for r in self.finished if column in r.metrics]
+
+    def paired(self) -> list[float]:
+        """Per seed: fine-tuned - scratch test accuracy."""
+        return [r.metrics["finetune_test_acc"] - r.metrics["scratch_test_acc"]
+                for r in self.finished
+                if {"finetune_test_acc", "scratch_test_acc"} <= r.metrics.keys()]
+
+
+def groups(rows: list[JobRow]) -> list[Group]:
+    """The jobs grouped by every override but the seed, in order of first appearance by job."""
+    out: dict[tuple, Group] = {}
+    for row in sorted(rows, key=lambda r: (int(r.job) if r.job.isdigit() else math.inf, r.job)):
+        key = tuple(sorted((k, v) for k, v in row.overrides.items() if k != SEED))
+        out.setdefault(key, Group(dict(key), [])).rows.append(row)
+    return list(out.values())
 
 
 def _cell(text: str) -> str:
@@ -82,43 +123,172 @@ def _format(column: str, value: float | None) -> str:
     return f"{value:.0f}s" if column == "total_s" else f"{value:.2%}"
 
 
-def write_summary(sweep_dir: Path) -> tuple[Path, Path]:
-    """Write `summary.csv` (every override, raw numbers) and `summary.md` (the overrides that vary
-    across jobs, percentages) into `sweep_dir`; return both paths."""
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean, sd = mean_std(values)
+    return f"{100 * mean:.2f} ± {100 * sd:.2f}" if sd is not None else f"{100 * mean:.2f} ± –"
+
+
+def _interval(values: list[float]) -> str:
+    got = mean_interval(values)
+    if got is None:
+        return "–" if not values else f"{100 * values[0]:+.2f} (n=1)"
+    mean, low, high = got
+    return f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
+
+
+def seed_table(sweep_groups: list[Group], varying: list[str]) -> list[str]:
+    """summary.md's statistics over seeds (in percentage points)."""
+    tests = [f"{s}_test_acc" for s in ORDER]
+    header = [*varying, "n", "failed", *tests, "finetune - scratch (95% CI)"]
+    lines = ["## Statistics over seeds", "",
+             "Test accuracy in %, mean ± standard deviation (ddof 1) over the seeds that "
+             "finished; the paired difference fine-tuned - scratch per seed, mean and 95% "
+             "Student's t interval, in points.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for g in sweep_groups:
+        cells = [g.overrides.get(k, "") for k in varying]
+        cells += [str(len(g.finished)), str(len(g.rows) - len(g.finished))]
+        cells += [_mean_std(g.values(c)) for c in tests] + [_interval(g.paired())]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines
+
+
+def write_groups_csv(path: Path, sweep_groups: list[Group], keys: list[str]) -> None:
+    tests = [f"{s}_test_acc" for s in ORDER]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*keys, "n", "failed", *(f"{c}_{m}" for c in tests for m in
+                                                  ("mean", "std")),
+                         "finetune_minus_scratch_mean", "ci95_low", "ci95_high"])
+        for g in sweep_groups:
+            stats = []
+            for c in tests:
+                values = g.values(c)
+                mean, sd = mean_std(values) if values else (None, None)
+                stats += ["" if mean is None else mean, "" if sd is None else sd]
+            interval = mean_interval(g.paired()) or ("", "", "")
+            writer.writerow([*(g.overrides.get(k, "") for k in keys), len(g.finished),
+                             len(g.rows) - len(g.finished), *stats, *interval])
+
+
+def numeric_key(rows: list[JobRow], varying: list[str]) -> str | None:
+    """The swept key to plot against: labels per class if swept, else the first varying key
+    whose values are all numbers."""
+    def number(text: str) -> bool:
+        try:
+            float(text)
+        except ValueError:
+            return False
+        return True
+
+    candidates = [k for k in varying if k != SEED and all(
+        number(r.overrides.get(k, "")) or (k == LABELS and r.overrides.get(k) == "null")
+        for r in rows)]
+    return LABELS if LABELS in candidates else (candidates[0] if candidates else None)
+
+
+def plot(path: Path, sweep_groups: list[Group], key: str, others: list[str]) -> None:
+    """Test accuracy of every stage against `key`, mean ± std over seeds; one line per stage and
+    per value of the other varying keys; labels per class on a log scale, "all" at the full
+    count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[tuple, list[tuple[float, float, float, str]]] = {}
+    for g in sweep_groups:
+        value = g.overrides.get(key, "")
+        full = value == "null"
+        if full:
+            counts = [r.labelled_per_class for r in g.finished if r.labelled_per_class]
+            if not counts:
+                continue
+            x = sum(counts) / len(counts)
+        else:
+            x = float(value)
+        rest = tuple(f"{k}={g.overrides.get(k, '')}" for k in others)
+        for stage in ORDER:
+            values = g.values(f"{stage}_test_acc")
+            if values:
+                mean, sd = mean_std(values)
+                lines.setdefault((stage, rest), []).append(
+                    (x, 100 * mean, 100 * (sd or 0.0), "all" if full else value))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ticks: dict[float, str] = {}
+    for (stage, rest), pts in lines.items():
+        pts.sort()
+        xs, ys, sds, names = zip(*pts, strict=True)
+        ticks.update(zip(xs, names, strict=True))
+        label = " ".join([stage, *rest])
+        ax.errorbar(xs, ys, yerr=sds, marker="o", capsize=3, label=label)
+    if key == LABELS:
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled training images per class")
+    else:
+        ax.set_xlabel(key)
+    ax.set_xticks(list(ticks), list(ticks.values()))
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="stage (finetune: pretrained, then fine-tuned)",
+              title_fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_summary(sweep_dir: Path) -> list[Path]:
+    """Write `summary.csv` (every job, every override, raw numbers), `summary.md` (the overrides
+    that vary, percentages, statistics over seeds), `summary_seeds.csv` and, when a number is
+    swept, `summary.png` into `sweep_dir`; return the paths written."""
     rows = collect(sweep_dir)
     keys = list(dict.fromkeys(k for row in rows for k in row.overrides))
     varying = [k for k in keys if len({row.overrides.get(k) for row in rows}) > 1] or keys
     common = [f"`{k}={rows[0].overrides[k]}`" for k in keys if k not in varying]
-    columns = [column for column, _, _ in METRICS]
 
     csv_path = sweep_dir / "summary.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["job", *keys, *columns, "error"])
+        writer.writerow(["job", *keys, *COLUMNS, "error"])
         for row in rows:
             writer.writerow([row.job, *(row.overrides.get(k, "") for k in keys),
-                             *(row.metrics.get(c, "") for c in columns), row.error or ""])
+                             *(row.metrics.get(c, "") for c in COLUMNS), row.error or ""])
+    written = [csv_path]
 
     failed = sum(row.error is not None for row in rows)
     lines = [f"# Sweep summary: {sweep_dir}", "",
              f"{len(rows)} jobs ({failed} failed), sorted by fine-tuned validation accuracy.", ""]
     if common:
         lines += [f"Common overrides: {', '.join(common)}.", ""]
-    header = ["job", *varying, *columns, *(["error"] if failed else [])]
+    header = ["job", *varying, *COLUMNS, *(["error"] if failed else [])]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row.job, *(row.overrides.get(k, "") for k in varying),
-                 *(_format(c, row.metrics.get(c)) for c in columns)]
+                 *(_format(c, row.metrics.get(c)) for c in COLUMNS)]
         cells += [row.error or ""] if failed else []
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    sweep_groups, others = groups(rows), [k for k in varying if k != SEED]
+    if SEED in varying:
+        lines += ["", *seed_table(sweep_groups, others)]
+        seeds_path = sweep_dir / "summary_seeds.csv"
+        write_groups_csv(seeds_path, sweep_groups, others)
+        written.append(seeds_path)
+    key = numeric_key(rows, others)
+    if key is not None:
+        png = sweep_dir / "summary.png"
+        plot(png, sweep_groups, key, [k for k in others if k != key])
+        lines += ["", f"![test accuracy against {key}](summary.png)"]
+        written.append(png)
     md_path = sweep_dir / "summary.md"
     md_path.write_text("\n".join(lines) + "\n")
-    return csv_path, md_path
+    return [*written, md_path]
 
 
 class SweepSummary(Callback):
     """Hydra callback: write the sweep summary when a multirun ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        csv_path, md_path = write_summary(Path(config.hydra.sweep.dir))
-        print(f"saelab: sweep summary in {md_path} and {csv_path}")
+        paths = write_summary(Path(config.hydra.sweep.dir))
+        print(f"saelab: sweep summary in {', '.join(str(p) for p in paths)}")

@@ -1,0 +1,206 @@
+"""The typed schema and the front door: every bad value, key, preset or sweep is one line naming
+the key, the value and what is allowed (exit 2), before anything runs or any folder appears."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli
+from omegaconf import OmegaConf
+
+from saelab import schema
+from saelab.cli import sweep_jobs
+from saelab.config import compose, compose_raw, load_saved, validate
+from saelab.errors import ConfigError
+
+LANDED = Path(__file__).parent / "data" / "config_saelab_0.1.yaml"  # saved by saelab 0.1.0
+
+BAD_INPUT = [
+    ("model.sizes=[100,50]", "model.sizes", "784"),
+    ("model.sizes=[784]", "model.sizes", "at least 2"),
+    ("model.sizes=[784,0,9]", "model.sizes", "> 0"),
+    ("model.sizes=[784,true]", "model.sizes[1]", "integer"),
+    ("data.classes=[0,12]", "data.classes", "<= 9"),
+    ("data.classes=[3,3]", "data.classes", "2 distinct"),
+    ("data.classes=[3]", "data.classes", "2 distinct"),
+    ("data.classes=[true,false]", "data.classes[0]", "integer"),
+    ("data.name=cifar", "data.name", "mnist, fashion_mnist"),
+    ("data.val_size=70000", "data.val_size", "< 30000"),
+    ("pretrain.lr=0", "pretrain.lr", "> 0"),
+    ("finetune.lr=-1e-3", "finetune.lr", "> 0"),
+    ("finetune.lr=abc", "finetune.lr", "a number"),
+    ("data.batch_size=0", "data.batch_size", "> 0"),
+    ("probe.batch_size=-5", "probe.batch_size", "> 0"),
+    ("baseline.epochs=-1", "baseline.epochs", ">= 0"),
+    ("seed=abc", "seed", "integer"),
+    ("trainer.precision=abc", "trainer.precision", "32-true"),
+    ("pretrain.optimizer=lbfgs", "pretrain.optimizer", "sgd, adam, adamw"),
+    ("pretrain.lrr=1e-3", "pretrain.lrr", "no such key in pretrain"),
+    ("experiment=nope", "experiment", "sda3_mnist"),
+    ("data.mirror=/nonexistent/mirror", "data.mirror", "does not exist"),
+    ("data.labelled_val_per_class=5", "data.labelled_val_per_class", "labels_per_class"),
+    ("finetune.dropout.hidden=1", "finetune.dropout.hidden", "< 1"),
+    ("progress=sometimes", "progress", "auto, bar, lines"),
+]
+
+
+@pytest.mark.parametrize("override, key, allowed", BAD_INPUT)
+def test_bad_config_names_key_value_and_allowed(override, key, allowed):
+    with pytest.raises(ConfigError) as err:
+        compose([override])
+    assert err.value.key == key
+    assert allowed in str(err.value)
+    assert str(err.value).count("\n") == 0
+
+
+def test_samples_are_checked_against_the_test_set_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"visualize.samples=\[600\]: .* test-set size 500"):
+        compose(["visualize.samples=[600]", "data.test_limit=500"])
+    with pytest.raises(ConfigError, match="test-set size 1989"):  # 0 vs 9 has 1,989 test digits
+        compose(["visualize.samples=[1989]", "data.classes=[0,9]"])
+    compose(["visualize.samples=[1988]", "data.classes=[0,9]"])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["trainer=ddp", "fastpath.steps_per_item=0"], "fastpath.steps_per_item"),
+    (["trainer.devices=2"], "trainer.devices"),
+    (["trainer.strategy=ddp_spawn"], "trainer.strategy"),
+    (["pretrain.loss=bce"], "pretrain.loss"),
+    (["pretrain.sparsity.kind=kl", "model.activation=relu"], "pretrain.sparsity.kind"),
+    (["pretrain.noise.levels=[0.1,0.2]"], "pretrain.noise.levels"),
+    (["pretrain.noise.levels=[0.1,0.2,1.5,0.3]"], "pretrain.noise.levels.2"),
+])
+def test_cross_key_rules(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        compose(overrides)
+    assert err.value.key == key
+    compose(["pretrain.loss=bce", "model.activation=sigmoid", "data.pixels=zero_one"])
+    compose(["pretrain.noise.kind=gaussian", "pretrain.noise.levels=[0.1,0.2,1.5,0.3]"])
+
+
+def test_every_preset_and_group_option_composes_and_validates():
+    for group in ("experiment", "trainer", "logger", "data"):
+        for option in sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml")):
+            cfg = compose([f"{group}={option}"])
+            assert isinstance(cfg.pretrain.optimizer, schema.Optimizer)
+
+
+def test_scratch_follows_finetune_unless_set():
+    cfg = compose(["finetune.lr=3e-3", "finetune.epochs=7"])
+    assert (cfg.scratch.lr, cfg.scratch.epochs, cfg.scratch.optimizer) == (3e-3, 7, "adam")
+    assert compose(["finetune.lr=3e-3", "scratch.lr=1e-2"]).scratch.lr == 1e-2
+
+
+def test_a_config_saved_by_the_landed_version_loads_onto_the_schema():
+    cfg = load_saved(LANDED)
+    validate(cfg, files=False)
+    saved = OmegaConf.load(LANDED)
+    # moved keys went to their new group, kept values are kept, new keys have their defaults
+    assert (cfg.fastpath.cuda_graphs, cfg.fastpath.matmul_precision) == (True, "high")
+    assert "cuda_graphs" not in cfg.trainer and cfg.trainer.accelerator == "gpu"
+    assert list(cfg.pretrain.noise.levels) == list(saved.pretrain.noise.levels) == [0.1, 0.2, 0.3]
+    assert (cfg.seed, cfg.data.train_limit, list(cfg.model.sizes)) == (3, 2000,
+                                                                       [784, 1000, 1000, 1000])
+    assert cfg.data.labels_per_class is None and cfg.scratch.lr == cfg.finetune.lr == 3e-4
+    assert cfg.logger.kind == "tensorboard" and cfg.finetune.dropout.input == 0.0
+
+
+def test_the_docs_table_of_keys_is_generated_from_the_schema():
+    text = (REPO / "docs" / "configuration.md").read_text()
+    assert text == schema.markdown(), "regenerate: python -m saelab.schema > docs/configuration.md"
+    for k in schema.leaves():
+        assert f"`{k.path}`" in text
+
+
+# Sweeps: every job checked before anything trains --------------------------------------------
+
+def test_a_basic_sweep_is_expanded_into_its_jobs():
+    cfg = compose_raw([], hydra=True)
+    jobs = sweep_jobs(cfg, ["seed=0,1", "finetune.lr=1e-3,-1"])
+    assert sorted(map(tuple, jobs)) == sorted(
+        (f"seed={s}", f"finetune.lr={lr}") for s in (0, 1) for lr in ("0.001", "-1"))
+
+
+def test_an_optuna_search_is_checked_at_each_choice_and_both_ends_of_each_interval():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = compose_raw(["hparams_search=optuna"], hydra=True)
+    jobs = sweep_jobs(cfg, ["hparams_search=optuna"])
+    varied = {job[-1] for job in jobs if len(job) > 1}
+    assert {"model.sizes=[784,196,49,25,9]", "model.sizes=[784,256,64]",
+            "pretrain.lr=0.0001", "pretrain.lr=0.01", "pretrain.epochs=5", "pretrain.epochs=20",
+            "finetune.epochs=10", "finetune.epochs=30"} <= varied
+    for job in jobs:
+        validate(compose_raw(job))
+
+
+# The command line ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, key", [
+    (["model.sizes=[784,0,9]"], "model.sizes"),
+    (["data.classes=[0,12]"], "data.classes"),
+    (["pretrain.lrr=1e-3"], "pretrain.lrr"),
+    (["experiment=nope"], "experiment"),
+    (["--cfg", "job", "model.sizes=[100]"], "model.sizes"),
+    (["-m", "seed=0,1", "finetune.lr=1e-3,-1"], "finetune.lr"),
+    (["-m", "trainer=ddp", "seed=0,1"], "trainer.strategy"),
+    (["resume=/nonexistent/run"], "resume"),
+    (["seed=0,1"], "seed"),
+])
+def test_the_front_door_refuses_in_one_line_exit_2_and_leaves_no_folder(tmp_path, args, key):
+    proc = subprocess.run([sys.executable, "-m", "saelab", *args,
+                           f"hydra.run.dir={tmp_path / 'run'}",
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"saelab: error: {key}=")
+    assert "Traceback" not in proc.stderr and not proc.stdout
+    assert list(tmp_path.iterdir()) == []  # no run folder, no sweep folder, no outputs/
+
+
+def test_resume_into_another_folder_is_refused(tmp_path):
+    (tmp_path / "x" / ".hydra").mkdir(parents=True)
+    (tmp_path / "x" / ".hydra" / "config.yaml").write_text(LANDED.read_text())
+    proc = run_cli(tmp_path / "y", f"resume={tmp_path / 'x'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("saelab: error: hydra.run.dir=") and "stays" in proc.stderr
+
+
+def test_a_missing_plugin_names_the_extra_to_install(tmp_path, monkeypatch):
+    from saelab import config
+
+    def missing(overrides, hydra=False):
+        raise config.missing_option("In 'hparams_search/optuna': Could not find "
+                                    "'hydra/sweeper/optuna'", overrides)
+
+    monkeypatch.setattr(config, "compose_raw", missing)
+    with pytest.raises(ConfigError, match=re.escape("pip install -e '.[sweep]'")) as err:
+        config.compose(["hparams_search=optuna"])
+    assert err.value.key == "hparams_search"
+
+
+def test_cfg_job_prints_the_config_without_importing_torch():
+    code = ("import sys, runpy; sys.argv = ['saelab', '--cfg', 'job', 'seed=5'];\n"
+            "try:\n    runpy.run_module('saelab', run_name='__main__')\n"
+            "finally:\n    print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "seed: 5" in proc.stdout and proc.stdout.strip().endswith("NO-TORCH")
+
+
+def test_help_lists_the_presets_from_their_files_and_version_is_saelabs():
+    from saelab import __version__
+
+    proc = subprocess.run([sys.executable, "-m", "saelab", "--help"], capture_output=True,
+                          text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0 and "powered by Hydra" not in proc.stdout
+    for preset in (REPO / "conf" / "experiment").glob("*.yaml"):
+        assert preset.stem in proc.stdout
+    assert "saelab-report" in proc.stdout and "outputs/runs" in proc.stdout
+    version = subprocess.run([sys.executable, "-m", "saelab", "--version"], capture_output=True,
+                             text=True, cwd=REPO, timeout=60)
+    assert version.stdout.strip() == f"saelab {__version__}"
