@@ -144,7 +144,7 @@ def test_failing_job_is_a_row_and_the_sweep_goes_on(tmp_path):
     proc = multirun(sweep, *SMALL, "pretrain.optimizer=sgd", "pretrain.lr=1e12,1e-3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows, md = read_summary(sweep)
-    assert [r["pretrain.lr"] for r in rows] == ["0.001", "1e12"]  # the failed job last
+    assert [float(r["pretrain.lr"]) for r in rows] == [1e-3, 1e12]  # the failed job last
     good, broken = rows
     assert float(good["finetune_test_acc"]) > 0 and not good["error"]
     assert broken["error"].startswith("NonFiniteLossError: pretrain layer 1: training loss")

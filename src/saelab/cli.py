@@ -16,18 +16,19 @@ import os
 import sys
 import time
 import warnings
+from importlib.resources import files
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from saelab import __version__
 from saelab.config import compose_raw, job_config, resumed_config, validate
 from saelab.errors import ConfigError, Interrupted, NonFiniteLossError
-from saelab.schema import Strategy, register
+from saelab.schema import Logger, Strategy, register
 from saelab.signals import STOP
 
 log = logging.getLogger("saelab")
@@ -35,7 +36,9 @@ STARTED = time.perf_counter()  # about when the command started: the table's sta
 
 # Third-party chatter a run would print, silenced narrowly (by message and category/logger).
 QUIET_WARNINGS = [(r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)]
-QUIET_LOGGERS = ("pytorch_lightning.trainer.connectors.signal_connector",)
+QUIET_LOGGERS = ("pytorch_lightning.trainer.connectors.signal_connector",
+                 "alembic.runtime.plugins",  # alembic >= 1.18's "setup plugin" lines
+                 "mlflow.store.db.utils")  # "Creating initial MLflow database tables..."
 
 
 def quiet() -> None:
@@ -109,20 +112,46 @@ def front_door(multirun: bool, overrides: list[str]) -> list[str]:
             raise ConfigError(sweeps[0].key_or_group, sweeps[0].input_line.split("=", 1)[1],
                               "a sweep needs -m (a list is written [a,b])")
         if cfg.resume is not None:
-            resumed_config(cfg.resume, overrides)
+            prepare([resumed_config(cfg.resume, overrides)])
             return [*overrides, f"hydra.run.dir={Path(cfg.resume).expanduser().resolve()}"]
         validate(cfg)
+        prepare([cfg])
         return overrides
     if cfg.resume is not None:
         raise ConfigError("resume", cfg.resume, "continues one run: not in a multirun (-m)")
-    for job in sweep_jobs(cfg, overrides):
-        job_cfg = compose_raw(job)
-        validate(job_cfg)
-        if job_cfg.trainer.strategy == Strategy.ddp:
+    jobs = [compose_raw(job) for job in sweep_jobs(cfg, overrides)]
+    for job in jobs:
+        validate(job)
+        if job.trainer.strategy == Strategy.ddp:
             # Lightning starts ranks > 0 by re-running the command line, which would be a sweep.
             raise ConfigError("trainer.strategy", "ddp", "runs in single runs only, not in a "
                               "multirun (-m): Lightning re-launches the command line per rank")
+    prepare(jobs)
     return overrides
+
+
+def prepare(jobs: list[DictConfig]) -> None:
+    """What the jobs share must exist before they start: an MLflow store and experiment."""
+    stores = {(j.logger.tracking_uri, j.logger.experiment): j for j in jobs
+              if j.logger.kind == Logger.mlflow}
+    if stores:
+        from saelab.loggers import prepare_mlflow
+
+        for job in stores.values():
+            prepare_mlflow(job)
+
+
+def help_text() -> str:
+    """saelab's help: the template in conf/config.yaml (`hydra.help`) with the config groups and
+    their options listed from the files. Rendered here rather than by Hydra, whose `--help`
+    composes every option of every group first (about a second)."""
+    conf = files("saelab.conf")
+    template = OmegaConf.load(conf / "config.yaml").hydra.help.template
+    groups = sorted((d.name, sorted(p.name.removesuffix(".yaml") for p in d.iterdir()
+                                    if p.name.endswith(".yaml")))
+                    for d in conf.iterdir() if d.is_dir() and d.name not in ("hydra",))
+    listing = "\n".join(f"{name}: {', '.join(options)}" for name, options in groups if options)
+    return template.replace("$APP_CONFIG_GROUPS", listing)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,10 +162,12 @@ def main(argv: list[str] | None = None) -> None:
     if "--version" in argv:
         print(f"saelab {__version__}")
         return
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        return
     register()
     args = get_args_parser().parse_args(argv)
-    if not (args.help or args.hydra_help or args.shell_completion or args.info
-            or is_data_parallel_child()):
+    if not (args.hydra_help or args.shell_completion or args.info or is_data_parallel_child()):
         try:
             checked = front_door(args.multirun, args.overrides)
         except ConfigError as exc:

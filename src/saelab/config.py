@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from saelab.schema import (
     PRECISIONS,
     Activation,
     Config,
+    Logger,
     Noise,
     Pixels,
     ReconLoss,
@@ -237,6 +239,9 @@ def _rules(cfg: DictConfig, files: bool) -> None:
     if trainer.strategy == Strategy.auto and trainer.devices != 1:
         raise ConfigError("trainer.devices", trainer.devices,
                           "more than one device needs trainer.strategy=ddp (use trainer=ddp)")
+
+    if files and cfg.logger.kind == Logger.mlflow and find_spec("mlflow") is None:
+        raise ConfigError("logger", "mlflow", "needs MLflow: pip install -e '.[mlflow]'")
 
     samples = cfg.visualize.samples
     if samples is not None:

@@ -77,14 +77,20 @@ class Run:
         return nets[model]
 
     def inputs(self, images) -> torch.Tensor:
-        """Raw images (uint8 0..255, N x 28 x 28 or N x 784; NumPy or torch) as the networks'
+        """Raw images (integers 0..255, N x 28 x 28 or N x 784; NumPy or torch) as the networks'
         inputs: the run's pixel transform, on its device."""
-        x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-        if x.dtype != torch.uint8:
-            raise ConfigError("images", f"dtype {x.dtype}", "must be raw pixels: uint8 0..255")
-        if x.ndim not in (2, 3) or x[0].numel() != 784 or (x.ndim == 3 and x.shape[1] != 28):
-            raise ConfigError("images", f"shape {tuple(x.shape)}", "must be N x 28 x 28 or N x 784")
-        return scale_pixels(x.to(self.device), self.cfg.data.pixels)
+        x = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise ConfigError("images", f"dtype {x.dtype}", "must be raw pixels: integers "
+                              "0..255 (uint8)")
+        if x.ndim not in (2, 3) or (x.ndim == 2 and x.shape[1] != 784) or (
+                x.ndim == 3 and tuple(x.shape[1:]) != (28, 28)):
+            raise ConfigError("images", f"shape {tuple(x.shape)}", "must be N x 28 x 28 or "
+                              "N x 784")
+        if x.dtype != torch.uint8 and len(x) and (int(x.min()) < 0 or int(x.max()) > 255):
+            raise ConfigError("images", f"values {int(x.min())}..{int(x.max())}",
+                              "must be pixels in 0..255")
+        return scale_pixels(x.to(torch.uint8).to(self.device), self.cfg.data.pixels)
 
     @torch.no_grad()
     def encode(self, images, layer: int | None = None, stack: str = "pretrained",

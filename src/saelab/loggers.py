@@ -35,7 +35,22 @@ def make_logger(cfg: DictConfig, run_dir: Path, report: bool = False,
     # One MLflow run per saelab run: the report adds to the run that training opened.
     return MLFlowLogger(experiment_name=cfg.logger.experiment,
                         tracking_uri=cfg.logger.tracking_uri, run_name=run_dir.name,
-                        run_id=mlflow_run_id, tags={"run_dir": str(run_dir)})
+                        run_id=mlflow_run_id, tags={"run_dir": str(run_dir)},
+                        artifact_location=artifact_location(cfg))
+
+
+def artifact_location(cfg: DictConfig) -> str:
+    return Path(cfg.logger.artifacts).expanduser().resolve().as_uri()
+
+
+def prepare_mlflow(cfg: DictConfig) -> None:
+    """Create the MLflow store and experiment before any job starts: jobs of a parallel sweep
+    that find neither would all create them at once, and some would fail."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.logger.tracking_uri)
+    if client.get_experiment_by_name(cfg.logger.experiment) is None:
+        client.create_experiment(cfg.logger.experiment, artifact_location=artifact_location(cfg))
 
 
 def flat_config(cfg: DictConfig) -> dict[str, int | float | str | bool]:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
@@ -236,12 +237,15 @@ def run_experiment(cfg: DictConfig, out_dir: Path, overrides: list[str] | None =
     log.info("data from %s: %d train / %d val / %d test images, %d / %d of them labelled",
              data.source, len(data.train_y), len(data.val_y), len(data.test_y),
              len(labelled_train[1]), len(labelled_val[1]))
-    logger = make_logger(cfg, out_dir) if folder.writer else None
+    logger = make_logger(cfg, out_dir, mlflow_run_id=folder.read_metrics().get("mlflow_run_id")
+                         ) if folder.writer else None
     if logger is not None:
         logger.log_hyperparams(flat_config(cfg))
     metrics = {"version": saelab.__version__, "git_commit": git_commit(), "seed": cfg.seed,
                "versions": versions(), "device": device_name(device), "data": data.summary(),
                "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)}
+    if isinstance(logger, MLFlowLogger):  # the report adds its figures to the same MLflow run
+        metrics["mlflow_run_id"] = logger.run_id
     progress = Progress(cfg.progress if folder.writer else "lines",
                         stage_work(cfg, want, usable, data, k))
     run = Stages(cfg, folder, want, usable, device, logger, progress, laps, metrics)

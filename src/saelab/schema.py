@@ -296,7 +296,8 @@ class VisualizeConfig:
 class LoggerConfig:
     kind: Logger = key(Logger.tensorboard, "where scalars, hparams and figures go (tensorboard: "
                        "in the run folder; csv: metrics.csv; mlflow: an MLflow store)")
-    tracking_uri: str = key("file:outputs/mlruns", "mlflow: the tracking store")
+    tracking_uri: str = key("sqlite:///outputs/mlflow.db", "mlflow: the tracking store")
+    artifacts: str = key("outputs/mlflow-artifacts", "mlflow: where figures are stored")
     experiment: str = key("saelab", "mlflow: the experiment name")
 
 

@@ -1,0 +1,65 @@
+"""The logger group: per-epoch scalars, the final metrics with the config and the figures, read
+back through each logger's own reader."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from conftest import QUICK
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import saelab
+
+FIGURES = ["visualize.enabled=true", "visualize.actmax.steps=2", "visualize.embedding_points=0"]
+
+
+def test_tensorboard_gets_every_epoch_of_every_stage_and_the_final_metrics(tmp_path):
+    metrics = saelab.run([*QUICK, *FIGURES, "finetune.epochs=2"], tmp_path / "run")
+    events = [EventAccumulator(str(p)).Reload()
+              for p in (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")]
+    scalars = {tag: [e.value for e in acc.Scalars(tag)] for acc in events
+               for tag in acc.Tags()["scalars"]}
+    assert scalars["finetune/val_acc"] == pytest.approx(
+        [h["val_acc"] for h in metrics["finetune"]["history"]])
+    assert len(scalars["pretrain/layer2/train_loss"]) == 1
+    assert scalars["final/scratch_test_acc"] == pytest.approx([metrics["scratch"]["test_acc"]])
+    hparams = (tmp_path / "run" / "tensorboard" / "hparams.yaml").read_text()
+    assert "finetune.lr: 0.001" in hparams  # the config, no longer {}
+
+
+def test_csv_logger_holds_the_epochs_and_the_final_metrics(tmp_path):
+    metrics = saelab.run([*QUICK, *FIGURES, "logger=csv", "finetune.epochs=2"], tmp_path / "run")
+    rows = list(csv.DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()))
+    tuned = [float(r["finetune/val_acc"]) for r in rows if r.get("finetune/val_acc")]
+    assert tuned == pytest.approx([h["val_acc"] for h in metrics["finetune"]["history"]])
+    final = list(csv.DictReader((tmp_path / "run" / "csv" / "report" / "metrics.csv").open()))
+    assert float(final[0]["final/finetune_test_acc"]) == pytest.approx(
+        metrics["finetune"]["test_acc"])
+    assert "finetune.lr: 0.001" in (tmp_path / "run" / "csv" / "report" / "hparams.yaml"
+                                    ).read_text()
+    assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_mlflow_run_holds_params_metrics_and_figures(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from saelab.cli import prepare
+
+    monkeypatch.chdir(tmp_path)  # the store's default place is outputs/ under the working folder
+    overrides = [*QUICK, *FIGURES, "logger=mlflow"]
+    prepare([saelab.compose(overrides)])
+    metrics = saelab.run(overrides, tmp_path / "run")
+    client = MlflowClient("sqlite:///outputs/mlflow.db")
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.data.params["finetune.lr"] == "0.001" and run.data.params["model.sizes"] == (
+        "[784, 32, 9]")
+    history = client.get_metric_history(run.info.run_id, "finetune/val_acc")
+    assert [m.value for m in history] == pytest.approx(
+        [h["val_acc"] for h in metrics["finetune"]["history"]])
+    assert run.data.metrics["final/finetune_test_acc"] == pytest.approx(
+        metrics["finetune"]["test_acc"])
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert "figures/confusion_matrix.png" in figures and len(figures) == 12
+    assert (tmp_path / "outputs" / "mlflow-artifacts").is_dir()
