@@ -316,3 +316,30 @@ def test_load_run_changes_nothing_and_needs_no_data_until_splits_are_asked(finis
     with pytest.raises(ConfigError):  # the data is not there: asked for, it is an error
         run.splits()
     assert folder_state(run_dir) == before
+
+
+# The store of finished stages ------------------------------------------------------------------
+
+def test_a_run_takes_its_pretrained_stages_from_the_store_with_identical_metrics(tmp_path,
+                                                                                capsys):
+    store = tmp_path / "store"
+    saelab.run([*QUICK, f"store={store}"], tmp_path / "all")
+    assert len(list(store.glob("*.pt"))) == len(STAGES)
+    few = [*QUICK, "data.labels_per_class=20"]
+    shared = saelab.run([*few, f"store={store}"], tmp_path / "shared")
+    alone = saelab.run(few, tmp_path / "alone")
+    assert [p["origin"].split(":")[0] for p in shared["pretrain"]] == ["store", "store"]
+    assert all(shared[s]["origin"] == "trained" for s in ("baseline", "probe", "finetune"))
+    assert accuracies(shared) == accuracies(alone)  # as if it had trained them itself
+    assert {p.name for p in (tmp_path / "shared" / "checkpoints").iterdir()} == {
+        f"{s}.pt" for s in STAGES}  # self-contained: loadable without the store
+    saelab.load_run(tmp_path / "shared")
+    # a damaged entry is a miss, with a warning, and is replaced
+    entry = next(store.glob("pretrain_layer1-*.pt"))
+    entry.write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    again = saelab.run([*QUICK, "seed=0", f"store={store}", "finetune.epochs=2"], tmp_path / "d")
+    assert "store: " in capsys.readouterr().out and again["pretrain"][0]["origin"] == "trained"
+    assert again["pretrain"][1]["origin"] == "trained"  # it consumes a retrained stage
+    saelab.load_run(tmp_path / "d")
+    assert entry.stat().st_size > 1000

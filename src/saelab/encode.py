@@ -46,7 +46,7 @@ def read_images(path: Path) -> np.ndarray:
     if len(raw) != 16 + n * rows * cols:
         raise ConfigError("--images", str(path), f"IDX payload of {len(raw) - 16} bytes, "
                           f"expected {n} x {rows} x {cols}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
+    return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=16).reshape(n, rows, cols)
 
 
 def outputs(run: Run, part: str, x, layer: int | None, stack: str, scaled: bool) -> dict:
