@@ -1,6 +1,7 @@
 """Is saelab as fast as hand-written PyTorch? Side by side, in one run, on the same data:
 
-  saelab      the default multiclass pipeline as users run it (`run_experiment`, Lightning included)
+  saelab      the default multiclass pipeline as users run it (`run_experiment`, Lightning included,
+              the live progress line on)
   plain       the same experiment as a plain PyTorch loop (benchmarks/plain_loop.py)
   per_sample  torchvision MNIST + ToTensor + Normalize + DataLoader (benchmarks/per_sample.py;
               timed on a fixed number of steps per stage and extrapolated, as it says)
@@ -31,28 +32,19 @@ REPO = Path(__file__).resolve().parents[1]
 MARK = "BENCH-RESULT "
 TARGETS = {"saelab_over_plain_max": 1.15, "per_sample_over_saelab_min": 10.0,
            "peak_rss_gb_max": 1.5}
-STAGES = ("baseline", "pretrain", "probe", "finetune")
+STAGES = ("baseline", "pretrain", "probe", "finetune", "scratch")
 SAMPLES = (5000, 15000, None)  # None: the whole training set
 WIDTHS = (0.5, 1.0, 2.0)
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    with initialize_config_module("saelab.conf", version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
 
 
 def child(variant: str, device: str, overrides: list[str], steps: int) -> dict:
     """Run one variant in this process; returns its timings and peak resident memory."""
     import torch
 
-    from saelab.config import validate
+    from saelab.config import compose
 
     trainer = "trainer=gpu" if device == "cuda" else "trainer=cpu"
-    cfg = compose([trainer, *overrides])
-    validate(cfg)
+    cfg = compose([trainer, "progress=bar", *overrides])
     if variant == "saelab":
         from saelab.pipeline import run_experiment
 
@@ -60,11 +52,11 @@ def child(variant: str, device: str, overrides: list[str], steps: int) -> dict:
         with tempfile.TemporaryDirectory() as out:
             metrics = run_experiment(cfg, Path(out)).metrics
         total = time.perf_counter() - start
+        classifiers = ("baseline", "probe", "finetune", "scratch")
         stage_s = {"baseline": metrics["baseline"]["seconds"],
                    **{f"pretrain_layer{i}": layer["seconds"]
                       for i, layer in enumerate(metrics["pretrain"], start=1)},
-                   "probe": metrics["probe"]["seconds"], "finetune": metrics["finetune"]["seconds"]}
-        classifiers = ("baseline", "probe", "finetune")
+                   **{s: metrics[s]["seconds"] for s in classifiers[1:]}}
         result = {"stage_s": stage_s, "total_s": total, "n_train": metrics["data"]["n_train"],
                   "test_acc": {s: metrics[s]["test_acc"] for s in classifiers}}
     elif variant == "plain":

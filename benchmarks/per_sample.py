@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
 from saelab.autoencoder import AutoEncoder, classifier, stack_encoders
-from saelab.data import DATASETS, load_raw
+from saelab.data import TORCHVISION, load_raw
 
 WARMUP_STEPS = 2
 VAL_BATCH = 1000  # the test batch size of PyTorch's MNIST example
@@ -34,7 +34,7 @@ def loaders(cfg) -> tuple[DataLoader, DataLoader]:
     load_raw(data.name, data.root, data.mirror, data.download)  # fills the cache from the mirror
     # [0, 1] from ToTensor, then (x - 0.5) / 0.5: saelab's minus_one_one pixels.
     pipeline = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-    full = DATASETS[data.name](str(Path(data.root).expanduser()), train=True, download=False,
+    full = TORCHVISION[data.name](str(Path(data.root).expanduser()), train=True, download=False,
                                transform=pipeline)
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     n_val = int(data.val_size)
@@ -98,6 +98,8 @@ def run_per_sample(cfg, steps: int) -> dict:
                                  steps)
     stages["finetune"] = time_stage(classifier(body, sizes[-1], k), nn.Identity(), "ce", train,
                                     val, cfg.finetune, steps)
+    stages["scratch"] = time_stage(classifier(stack_encoders(autoencoders), sizes[-1], k),
+                                   nn.Identity(), "ce", train, val, cfg.scratch, steps)
     return {"stage_s": {name: s["extrapolated_s"] for name, s in stages.items()},
             "total_s": sum(s["extrapolated_s"] for s in stages.values()),
             "measured_s": time.perf_counter() - start, "stages": stages,

@@ -3,7 +3,8 @@
 Tensors in memory, index-sliced minibatches, no framework. It follows the composed config stage by
 stage with the same data (`load_splits`), networks, Adam, batch size, epochs, per-epoch cosine
 schedule and per-epoch validation keeping the best epoch: the pixel baseline, greedy pretraining
-with each layer's codes computed once, the probe on the top codes, fine-tuning end to end.
+with each layer's codes computed once, the probe on the top codes, fine-tuning end to end, and
+the same network trained from the encoders' and the head's initial weights (scratch).
 """
 
 from __future__ import annotations
@@ -80,9 +81,10 @@ def run_plain(cfg, device: torch.device) -> dict:
     train_classifier("baseline", baseline, data.train_x, val, cfg.baseline)
     test_acc["baseline"] = accuracy(baseline)(data.test_x, data.test_y)
 
-    autoencoders, codes = [], (data.train_x, data.val_x)
+    autoencoders, initial, codes = [], [], (data.train_x, data.val_x)
     for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True), start=1):
         ae = AutoEncoder(d_in, d_out, cfg.model.activation, cfg.model.tied).to(device)
+        initial.append(copy.deepcopy(ae))
         seconds[f"pretrain_layer{i}"] = fit(
             ae, lambda x, _y, ae=ae: F.mse_loss(ae(x), x),
             lambda x, _y, ae=ae: -float(F.mse_loss(ae(x), x)), codes[0], None,
@@ -91,6 +93,8 @@ def run_plain(cfg, device: torch.device) -> dict:
         codes = tuple(encode(ae.encode, c) for c in codes)
 
     head = classifier(nn.Identity(), sizes[-1], k).to(device)
+    scratch = classifier(stack_encoders(initial), sizes[-1], k).to(device)
+    scratch[1].load_state_dict(head[1].state_dict())
     train_classifier("probe", head, codes[0], (codes[1], data.val_y), cfg.probe)
     probe = classifier(stack_encoders(autoencoders), sizes[-1], k).to(device)
     probe[1].load_state_dict(head[1].state_dict())
@@ -98,5 +102,8 @@ def run_plain(cfg, device: torch.device) -> dict:
 
     train_classifier("finetune", probe, data.train_x, val, cfg.finetune)
     test_acc["finetune"] = accuracy(probe)(data.test_x, data.test_y)
+
+    train_classifier("scratch", scratch, data.train_x, val, cfg.scratch)
+    test_acc["scratch"] = accuracy(scratch)(data.test_x, data.test_y)
     return {"stage_s": seconds, "total_s": time.perf_counter() - start, "test_acc": test_acc,
             "n_train": len(data.train_y)}
