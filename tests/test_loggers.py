@@ -11,6 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import saelab
 
+pytestmark = pytest.mark.slow  # whole runs with their figures
+
 FIGURES = ["visualize.enabled=true", "visualize.actmax.steps=2", "visualize.embedding_points=0"]
 
 

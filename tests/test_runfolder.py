@@ -320,6 +320,7 @@ def test_load_run_changes_nothing_and_needs_no_data_until_splits_are_asked(finis
 
 # The store of finished stages ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_run_takes_its_pretrained_stages_from_the_store_with_identical_metrics(tmp_path,
                                                                                 capsys):
     store = tmp_path / "store"
