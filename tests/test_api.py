@@ -23,7 +23,7 @@ from saelab.encode import main as encode_main
 from saelab.evaluation import encode
 from saelab.pipeline import run_experiment
 
-TIMINGS = ("seconds", "timings", "versions", "git_commit", "device", "origin")
+TIMINGS = ("seconds", "timings", "versions", "git_commit", "device", "origin", "source")
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,8 @@ def test_run_leaves_the_callers_logging_and_signal_handlers_as_they_were(tmp_pat
 
 
 def without_timings(metrics: dict) -> dict:
-    """metrics.json less what differs between two identical runs (times, versions, paths)."""
+    """metrics.json less what differs between two identical runs (times, versions, paths; the
+    first run reads the mirror, the second the cache it filled)."""
     if isinstance(metrics, dict):
         return {k: without_timings(v) for k, v in metrics.items() if k not in TIMINGS}
     if isinstance(metrics, list):

@@ -347,8 +347,8 @@ def load_splits(cfg, seed: int, device: str | torch.device = "cpu") -> Splits:
     labelled = labelled_indices(cfg, train_y, val_y, seed)
     names = CLASS_NAMES[Dataset(cfg.name)]
     tensors = [t.to(device) for t in (train_x, train_y, val_x, val_y, test_x, test_y)]
-    return Splits(cfg.name, raw.source, classes, [names[c] for c in classes], *tensors,
-                  background=BACKGROUND[Pixels(cfg.pixels)], checksums=raw.checksums,
+    return Splits(Dataset(cfg.name).value, raw.source, classes, [names[c] for c in classes],
+                  *tensors, background=BACKGROUND[Pixels(cfg.pixels)], checksums=raw.checksums,
                   **{k: None if v is None else v.to(device) for k, v in labelled.items()})
 
 
