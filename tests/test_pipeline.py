@@ -58,7 +58,8 @@ def test_scratch_starts_from_the_encoders_initial_weights_and_never_sees_pretrai
         torch.testing.assert_close(lin.weight, initial.weight, rtol=0, atol=1e-9)
         assert (lin.weight - ae.encoder.weight).abs().max() > 1e-3  # not the pretrained ones
     torch.set_rng_state(ckpt["pretrain_layer2"]["rng"]["cpu"])
-    stack_encoders(run.autoencoders)  # the probe's frozen stack is built first
+    stack_encoders(run.autoencoders)  # the probe's frozen stacks are built first, one per split
+    stack_encoders(run.autoencoders)
     head = torch.nn.Linear(9, 10)  # the probe's head, before the probe trained it
     torch.testing.assert_close(run.scratch[1].weight, head.weight, rtol=0, atol=1e-9)
     assert not torch.equal(run.probe[1].weight, head.weight)

@@ -219,6 +219,18 @@ def test_resume_applies_overrides_that_change_no_finished_stage(finished, tmp_pa
     assert "finetune.epochs=2" in (run_dir / ".hydra" / "overrides.yaml").read_text()
 
 
+def test_resume_applies_a_group_override_by_what_its_preset_changes(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path)
+    (run_dir / "checkpoints" / "scratch.pt").unlink()
+    metrics = saelab.run([f"resume={run_dir}", "trainer=cpu", "logger=csv"])
+    assert metrics["config"]["trainer"]["accelerator"] == "cpu"  # where it runs: not a change
+    assert metrics["config"]["logger"]["kind"] == "csv"
+    assert metrics["finetune"]["origin"] == "checkpoint" and metrics["scratch"]["origin"] == (
+        "trained")
+    with pytest.raises(ConfigError, match="holds stage baseline"):  # this one changes stages
+        saelab.run([f"resume={run_dir}", "experiment=sae3_mnist"])
+
+
 def test_resume_refuses_an_override_that_would_change_a_finished_stage(finished, tmp_path):
     run_dir = copy_of(finished, tmp_path)
     before = folder_state(run_dir, attempt=True)

@@ -287,14 +287,15 @@ def run_experiment(cfg: DictConfig, out_dir: Path, overrides: list[str] | None =
             run.write(f"pretrain_layer{i}", pretrain=layers)
 
         # 3. Probe: a linear head on the frozen stack, trained on the top codes of the labelled
-        #    images.
-        stack = stack_encoders(autoencoders).to(device)
+        #    images. (One stack per split, as saelab 0.1 built them: building a stack draws
+        #    initial weights, which come before the head's, so published numbers reproduce.)
+        top = [encode(stack_encoders(autoencoders).to(device), x)
+               for x in (labelled_train[0], labelled_val[0])]
         head = ClassifierStage(classifier(nn.Identity(), sizes[-1], k), cfg.probe, "probe",
                                "probe")
         head_init = copy.deepcopy(head.model[1].state_dict())
-        fitted = run.fit("probe", head,
-                         batches(encode(stack, labelled_train[0]), labelled_train[1], cfg.probe),
-                         EvalBatches(encode(stack, labelled_val[0]), labelled_val[1]))
+        fitted = run.fit("probe", head, batches(top[0], labelled_train[1], cfg.probe),
+                         EvalBatches(top[1], labelled_val[1]))
         probe = classifier(stack_encoders(autoencoders), sizes[-1], k).to(device)
         probe[1].load_state_dict(head.model[1].state_dict())
         run.write("probe", probe=summarise(probe, data, fitted))
