@@ -80,7 +80,8 @@ def spawn(variant: str, device: str, overrides: list[str], steps: int) -> dict:
            "--steps", str(steps), *[f"--set={o}" for o in overrides]]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
+    # The result line may follow the progress line's last redraw ("\r...") on the same line.
+    lines = [line[line.index(MARK):] for line in proc.stdout.splitlines() if MARK in line]
     if proc.returncode or not lines:
         sys.exit(f"{variant} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return {**json.loads(lines[-1][len(MARK):]), "process_s": time.perf_counter() - start}

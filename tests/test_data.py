@@ -200,3 +200,15 @@ def test_minibatches_cover_each_sample_once_per_epoch_and_shard_by_rank():
                          for i in s]) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == 51
     assert not set(shards[0].tolist()) & set(shards[1].tolist())
+
+
+def test_sampling_with_replacement_gives_full_minibatches_however_few_the_samples():
+    x = torch.arange(30.0).unsqueeze(1)  # 30 labelled images, minibatches of 128
+    batches = Minibatches(x, None, batch_size=128, steps_per_epoch=5,
+                          sample_with_replacement=True, seed=0)
+    slices = [i for _, _, chunk in batches for i in chunk]
+    assert [len(i) for i in slices] == [128] * 5 and len(batches) == 1
+    assert set(torch.cat(slices).tolist()) == set(range(30))  # drawn from all of them
+    # one sample per step, as the course notebook's presets draw them: as many as asked
+    single = Minibatches(x, None, batch_size=1, steps_per_epoch=12, sample_with_replacement=True)
+    assert sum(len(chunk) for _, _, chunk in single) == 12

@@ -409,10 +409,11 @@ class Minibatches:
     def __iter__(self) -> Iterator[tuple]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         self.epoch += 1
-        n = min(self.n_steps * self.batch_size, self.n_local) * self.world
-        if self.with_replacement:
-            perm = torch.randint(len(self.x), (n,), generator=gen)
-        else:
+        if self.with_replacement:  # n_steps full minibatches, however few the samples
+            perm = torch.randint(len(self.x), (self.n_steps * self.batch_size * self.world,),
+                                 generator=gen)
+        else:  # at most one pass
+            n = min(self.n_steps * self.batch_size, self.n_local) * self.world
             perm = torch.randperm(len(self.x), generator=gen)[:n]
         local = perm[self.rank:: self.world].to(self.x.device)
         slices = local.split(self.batch_size)
