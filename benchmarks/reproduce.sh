@@ -3,7 +3,8 @@
 #   1. the four presets (sae3_mnist, sda3_mnist, fashion_default, fashion_sda3) side by side: these
 #      nets are small enough that one GPU keeps up with four processes;
 #   2. for the 3x1000 presets, fine-tuning again at the learning rates in FT_LRS from the same
-#      pretrained checkpoints (only fine-tuning trains); summary.json selects on validation;
+#      pretrained stages, taken from the shared store $RUNS/store (only fine-tuning and scratch
+#      train); summary.json selects on validation;
 #   3. the robustness study of SAE-3 against SdA-3.
 # Expected on an H100: about 4-6 minutes (see the README's reproductions section).
 #
@@ -15,7 +16,7 @@
 # $OUT receives summary.json (per run: test error, validation accuracy, epochs, seconds; the
 # run selected on validation per preset), robustness.csv, robustness.png and runs.tar.gz (each
 # run's metrics.json, config and log; no checkpoints). A run folder that already exists is
-# continued (finished stages are loaded, not retrained).
+# continued (finished stages with the run's fingerprints are loaded, not retrained).
 set -uo pipefail
 
 OUT=${OUT:-outputs/reproduce}
@@ -37,8 +38,8 @@ start=$(date +%s)
 run() {
     local limit=$1 name=$2
     shift 2
-    timeout "$limit" saelab "trainer=$TRAINER" visualize.enabled=false "$@" \
-        "hydra.run.dir=$RUNS/$name" > "$RUNS/$name.log" 2>&1 &
+    timeout "$limit" saelab "trainer=$TRAINER" visualize.enabled=false "store=$RUNS/store" \
+        "$@" "hydra.run.dir=$RUNS/$name" > "$RUNS/$name.log" 2>&1 &
 }
 wait_all() {
     local failed=0
@@ -53,11 +54,9 @@ wait_all "presets"
 
 for preset in "${SWEPT[@]}"; do
     for lr in $FT_LRS; do
-        name="${preset}_ftlr$lr"
-        mkdir -p "$RUNS/$name/checkpoints"
-        cp "$RUNS/$preset"/checkpoints/{baseline,probe,pretrain_layer*}.pt \
-            "$RUNS/$name/checkpoints/" 2>/dev/null || continue
-        run 150 "$name" "experiment=$preset" "finetune.lr=$lr" "$@"
+        # baseline, pretraining and probe come from the store: only fine-tuning (and scratch,
+        # which follows fine-tuning's learning rate) train again
+        run 150 "${preset}_ftlr$lr" "experiment=$preset" "finetune.lr=$lr" "$@"
     done
 done
 wait_all "fine-tuning learning rates"
@@ -83,7 +82,7 @@ for path in sorted(runs.glob("*/metrics.json")):
              "finetune_lr": m["config"]["finetune"]["lr"],
              "pretrain_epochs": [len(layer["history"]) for layer in m.get("pretrain", [])],
              "timings": {k: round(v, 1) for k, v in m["timings"].items()}}
-    for stage in ("baseline", "probe", "finetune"):
+    for stage in ("baseline", "probe", "finetune", "scratch"):
         if stage in m:
             history = m[stage]["history"]
             best = max(history, key=lambda h: h.get("val_acc", 0))["epoch"] if history else None
