@@ -96,6 +96,23 @@ def test_optuna_search_runs_and_reports_the_best_validation_accuracy(tmp_path):
         float(r["pretrain.lr"]) for r in rows if float(r["finetune_val_acc"]) == best.best_value}
 
 
+@pytest.mark.slow
+def test_an_optuna_study_stored_in_sqlite_runs_and_resumes(tmp_path):
+    """The [sweep] extra's pins: optuna 2.10 with SQLite storage (a bare AssertionError with
+    SQLAlchemy 2), and a second invocation continuing the stored study."""
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    for n_trials, sweep in ((2, "first"), (1, "again")):
+        cmd = [sys.executable, "-m", "saelab", "hparams_search=optuna", *SMALL,
+               f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweeper.storage={storage}",
+               "hydra.sweeper.study_name=s", f"hydra.sweep.dir={tmp_path / sweep}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert len(list((tmp_path / "again").glob("*/metrics.json"))) == 1
+
+
 @pytest.mark.parametrize("launcher, target", [("joblib", "JoblibLauncher"),
                                               ("slurm", "SlurmLauncher")])
 def test_launcher_configs_compose(launcher, target):

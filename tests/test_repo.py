@@ -31,3 +31,33 @@ def test_code_is_ruff_clean():
     proc = subprocess.run([ruff, "check", "src", "tests", "benchmarks"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def markdown_files() -> list:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def test_every_relative_link_in_the_docs_points_to_a_file_or_heading():
+    for page in markdown_files():
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            assert file.exists(), f"{page.name}: broken link {target}"
+            if anchor and file.suffix == ".md":
+                headings = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                            for h in re.findall(r"^#+ (.+)$", file.read_text(), re.M)}
+                assert anchor in headings, f"{page.name}: no heading #{anchor} in {path}"
+
+
+def test_the_docs_hold_measured_numbers_only():
+    """No placeholder left where a measured number belongs."""
+    for page in markdown_files():
+        for marker in ("TIMING_", "CPU-BENCH", "LABEL_CURVE_SUMMARY", "TODO", "TBD"):
+            assert marker not in page.read_text(), f"{page.name}: {marker}"
+
+
+def test_the_readme_stays_the_front_door():
+    assert len((REPO / "README.md").read_text().splitlines()) <= 210
