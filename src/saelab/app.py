@@ -32,7 +32,7 @@ def execute(cfg: DictConfig, run_dir: Path, overrides: list[str], laps: Laps) ->
             except Interrupted as exc:
                 folder.record(interrupted=exc.signum)
                 raise
-            except ConfigError:
+            except ConfigError:  # bad input (another config's folder, bad data): not a result
                 raise
             except Exception as exc:
                 folder.record(error=f"{type(exc).__name__}: {exc}")

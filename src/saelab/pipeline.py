@@ -150,23 +150,27 @@ class Stages:
         STOP.check()
         exp = self.want[name]
         start = rng_digest()
-        fresh = any(c in self.trained for c in exp.stage.consumes)
-        saved, origin = (None, "trained") if fresh else (self.usable.get(name), "checkpoint")
         store = Store(self.cfg.store) if self.cfg.store else None
-        if saved is None and store is not None and not fresh:
-            saved, origin = store.get(exp), f"store:{store.entry(exp)}"
+        saved, origin, source = self.usable.get(name), "checkpoint", self.folder.checkpoint(name)
+        fresh = [c for c in exp.stage.consumes if c in self.trained]
+        if fresh:
+            if saved is not None:
+                log.info("%s: retrained because %s was", stage.label, fresh[0])
+            saved = None
+        elif saved is None and store is not None:
+            source = store.entry(exp)
+            saved, origin = store.get(exp), f"store:{source}"
         if saved is not None and saved["rng_in"] != start:
-            log.warning("%s: the %s started from another random state; retraining", stage.label,
-                        origin.split(":")[0])
+            log.warning("%s: %s started from another random state; retraining", stage.label,
+                        source)
             saved = None
         if saved is not None:
             stage.model.load_state_dict(saved["state_dict"])
             stage.model.to(self.device)
             restore_rng(saved["rng"])
-            if origin != "checkpoint":
+            if origin != "checkpoint":  # the run folder stays self-contained
                 self.folder.save_stage(exp, {k: saved[k] for k in CONTENTS})
-            log.info("%s: loaded from %s, not retrained", stage.label,
-                     self.folder.checkpoint(name) if origin == "checkpoint" else origin[6:])
+            log.info("%s: loaded from %s, not retrained", stage.label, source)
             return {"seconds": saved["seconds"], "history": saved["history"], "origin": origin,
                     "fingerprint": exp.fingerprint}
         began = time.perf_counter()
