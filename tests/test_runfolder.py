@@ -269,6 +269,29 @@ def test_sigterm_stops_within_a_step_keeps_finished_stages_and_resume_completes(
     assert accuracies(again) == accuracies(json.loads((finished / "metrics.json").read_text()))
 
 
+def test_sigterm_between_steps_where_lightning_sees_it_first_is_a_stop_too(tmp_path,
+                                                                          monkeypatch):
+    """During validation Lightning's own SIGTERM handler raises its SIGTERMException (a
+    SystemExit with code 0) before any step of ours runs: it must end as our stop does."""
+    from saelab import stages
+
+    validation_end = stages.Stage.on_validation_epoch_end
+    calls = []
+
+    def signal_in_validation(self):
+        calls.append(1)
+        if len(calls) == 3:  # pretraining layer 1, epoch 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        validation_end(self)
+
+    monkeypatch.setattr(stages.Stage, "on_validation_epoch_end", signal_in_validation)
+    with pytest.raises(Interrupted) as stop:
+        saelab.run([*QUICK, "pretrain.epochs=5"], tmp_path / "run")
+    assert stop.value.exit_code == 143
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["interrupted"] == signal.SIGTERM and "pretrain" not in metrics
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_command_line_exits_143_and_resume_finishes(tmp_path):
     run_dir = tmp_path / "run"

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import platform
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -25,11 +26,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
 
 import saelab
 from saelab.autoencoder import AutoEncoder, classifier, stack_encoders
 from saelab.data import Minibatches, Splits, load_splits
+from saelab.errors import Interrupted
 from saelab.evaluation import CHUNK, classifier_metrics, encode
 from saelab.fastpath import FastPath
 from saelab.loader import Run
@@ -187,7 +190,10 @@ class Stages:
             self.progress.begin(name, stage.label, stage.cfg.epochs, train.n_steps,
                                 train.batch_size * weights(stage.model), stage.meter)
             stage.model.train()
-            trainer.fit(stage, train_dataloaders=train, val_dataloaders=val)
+            try:
+                trainer.fit(stage, train_dataloaders=train, val_dataloaders=val)
+            except SIGTERMException:  # Lightning saw the SIGTERM first (between steps): ours
+                raise Interrupted(STOP.signum or signal.SIGTERM) from None
         stage.model.to(self.device)  # Lightning's teardown leaves it on the CPU
         record = {"seconds": time.perf_counter() - began, "history": stage.history}
         path = self.folder.save_stage(exp, {"state_dict": stage.model.state_dict(),
