@@ -28,11 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from saelab.runfolder import stages
+
 REPO = Path(__file__).resolve().parents[1]
 MARK = "BENCH-RESULT "
 TARGETS = {"saelab_over_plain_max": 1.15, "per_sample_over_saelab_min": 10.0,
            "peak_rss_gb_max": 1.5}
-STAGES = ("baseline", "pretrain", "probe", "finetune", "scratch")
 SAMPLES = (5000, 15000, None)  # None: the whole training set
 WIDTHS = (0.5, 1.0, 2.0)
 
@@ -67,8 +68,7 @@ def child(variant: str, device: str, overrides: list[str], steps: int) -> dict:
         from per_sample import run_per_sample
 
         result = run_per_sample(cfg, steps)
-    epochs = sum(cfg[s].epochs * (len(cfg.model.sizes) - 1 if s == "pretrain" else 1)
-                 for s in STAGES)
+    epochs = sum(cfg[stage.group].epochs for stage in stages(cfg))
     result.update(epochs=epochs, samples_per_s=result["n_train"] * epochs / result["total_s"],
                   peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)
     return result
@@ -88,7 +88,10 @@ def spawn(variant: str, device: str, overrides: list[str], steps: int) -> dict:
 
 
 def epoch_overrides(epochs: int | None) -> list[str]:
-    return [] if epochs is None else [f"{s}.epochs={epochs}" for s in STAGES]
+    from saelab.config import compose
+
+    groups = dict.fromkeys(stage.group for stage in stages(compose()))
+    return [] if epochs is None else [f"{group}.epochs={epochs}" for group in groups]
 
 
 def scaled_sizes(width: float) -> list[int]:

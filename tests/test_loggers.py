@@ -4,6 +4,8 @@ back through each logger's own reader."""
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 
 import pytest
 from conftest import QUICK
@@ -65,3 +67,23 @@ def test_mlflow_run_holds_params_metrics_and_figures(tmp_path, monkeypatch):
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert "figures/confusion_matrix.png" in figures and len(figures) == 12
     assert (tmp_path / "outputs" / "mlflow-artifacts").is_dir()
+
+
+def test_parallel_sweep_jobs_share_a_new_mlflow_store_without_failing(tmp_path):
+    """Two joblib workers starting on a store that does not exist yet: the front door creates
+    the store and the experiment first, so neither job races to create them."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    from mlflow.tracking import MlflowClient
+
+    cmd = [sys.executable, "-m", "saelab", "-m", "hydra/launcher=joblib",
+           "hydra.launcher.n_jobs=2", "logger=mlflow", *QUICK, "seed=0,1",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))
+    assert len(rows) == 2 and not any(r["error"] for r in rows)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("saelab")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]

@@ -66,6 +66,11 @@ class Stage:
     consumes: tuple[str, ...] = ()
     labelled: bool = True  # sees labels (the `data.labels_per_class` subset)
 
+    @property
+    def group(self) -> str:
+        """The config group of its optimisation settings (`pretrain` for every layer)."""
+        return self.name.partition("_layer")[0]
+
 
 # The stages that classify, in the order they run, and what each one is.
 CLASSIFIERS = {"baseline": "softmax regression on pixels",
