@@ -29,12 +29,14 @@ from saelab.schema import Dataset, Pixels
 log = logging.getLogger(__name__)
 
 TORCHVISION = {Dataset.mnist: datasets.MNIST, Dataset.fashion_mnist: datasets.FashionMNIST}
+# IDX magic numbers: unsigned bytes in three dimensions (images), in one (labels).
+IMAGES_MAGIC, LABELS_MAGIC = 0x803, 0x801
 # (file stem, IDX magic, item shape, item count) for the four files of each dataset.
 IDX_FILES = [
-    ("train-images-idx3-ubyte", 0x803, (28, 28), 60000),
-    ("train-labels-idx1-ubyte", 0x801, (), 60000),
-    ("t10k-images-idx3-ubyte", 0x803, (28, 28), 10000),
-    ("t10k-labels-idx1-ubyte", 0x801, (), 10000),
+    ("train-images-idx3-ubyte", IMAGES_MAGIC, (28, 28), 60000),
+    ("train-labels-idx1-ubyte", LABELS_MAGIC, (), 60000),
+    ("t10k-images-idx3-ubyte", IMAGES_MAGIC, (28, 28), 10000),
+    ("t10k-labels-idx1-ubyte", LABELS_MAGIC, (), 10000),
 ]
 # How raw bytes 0..255 map to model inputs (`data.pixels`), and the value of a blank pixel.
 PIXEL_SCALES = {
@@ -59,28 +61,31 @@ def scale_pixels(images: torch.Tensor, pixels: str) -> torch.Tensor:
     return out
 
 
-def read_idx(path: Path) -> bytes:
-    """Return the bytes of an IDX file (plain or .gz), raising ConfigError if it is truncated."""
+def read_idx(path: Path, key: str = "data.mirror") -> bytes:
+    """Return the bytes of an IDX file (plain or .gz), raising ConfigError (naming `key`, the
+    setting that pointed there) if it is unreadable."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise ConfigError("data.mirror", str(path), f"unreadable or corrupt gzip ({exc})") from exc
+        raise ConfigError(key, str(path), f"unreadable or corrupt gzip ({exc})") from exc
     return raw
 
 
-def check_idx(raw: bytes, path: Path, magic: int, shape: tuple, count: int) -> None:
-    """Check an IDX header (magic, dimensions) and that the payload has exactly that length."""
+def check_idx(raw: bytes, path: Path, magic: int, shape: tuple, count: int | None,
+              key: str = "data.mirror") -> None:
+    """Check an IDX header (magic, dimensions; `count` None: any number of items) and that the
+    payload has exactly that length."""
     ndim = 1 + len(shape)
     header = 4 + 4 * ndim
     if len(raw) < header or int.from_bytes(raw[:4], "big") != magic:
-        raise ConfigError("data.mirror", str(path), f"not an IDX file with magic {magic:#06x}")
+        raise ConfigError(key, str(path), f"not an IDX file with magic {magic:#06x}")
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    count = dims[0] if count is None else count
     if dims != (count, *shape):
-        raise ConfigError("data.mirror", str(path),
-                          f"IDX dimensions {dims}, expected {(count, *shape)}")
+        raise ConfigError(key, str(path), f"IDX dimensions {dims}, expected {(count, *shape)}")
     expected = header + count * (shape[0] * shape[1] if shape else 1)
     if len(raw) != expected:
-        raise ConfigError("data.mirror", str(path),
+        raise ConfigError(key, str(path),
                           f"truncated or padded: {len(raw)} bytes, expected {expected}")
 
 

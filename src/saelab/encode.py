@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from saelab.data import read_idx
+from saelab.data import IMAGES_MAGIC, check_idx, read_idx
 from saelab.errors import ConfigError
 from saelab.loader import STACKS, Run, load_run
 
 SPLITS = ("train", "val", "test")
-IMAGE_MAGIC = 0x803
 
 
 def read_images(path: Path) -> np.ndarray:
@@ -38,15 +37,9 @@ def read_images(path: Path) -> np.ndarray:
             return np.load(path, allow_pickle=False)
         except ValueError as exc:
             raise ConfigError("--images", str(path), f"not a .npy array ({exc})") from None
-    raw = read_idx(path)
-    if len(raw) < 16 or int.from_bytes(raw[:4], "big") != IMAGE_MAGIC:
-        raise ConfigError("--images", str(path), "neither .npy nor an IDX file of images "
-                          f"(magic {IMAGE_MAGIC:#06x})")
-    n, rows, cols = (int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(3))
-    if len(raw) != 16 + n * rows * cols:
-        raise ConfigError("--images", str(path), f"IDX payload of {len(raw) - 16} bytes, "
-                          f"expected {n} x {rows} x {cols}")
-    return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=16).reshape(n, rows, cols)
+    raw = read_idx(path, "--images")
+    check_idx(raw, path, IMAGES_MAGIC, (28, 28), None, "--images")
+    return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
 
 
 def outputs(run: Run, part: str, x, layer: int | None, stack: str, scaled: bool) -> dict:

@@ -348,10 +348,11 @@ class RunFolder:
                 log.warning("%s: retrained because %s is", name, upstream[0])
                 saved = None
             usable[name] = saved
-        for name in found.keys() - want.keys():
-            raise ConfigError(name, "checkpoint", f"{self.path} holds checkpoints/{name}.pt, a "
-                              "stage this config does not have; use a new folder or "
-                              "overwrite=true")
+        extra = sorted(found.keys() - want.keys())
+        if extra:
+            raise ConfigError(extra[0], "checkpoint", f"{self.path} holds checkpoints/"
+                              f"{extra[0]}.pt, a stage this config does not have; use a new "
+                              "folder or overwrite=true")
         self.owned = True
         return usable
 
