@@ -84,5 +84,7 @@ def test_a_run_under_a_pseudo_terminal_draws_the_live_line(tmp_path):
     assert proc.wait(timeout=60) == 0
     text = out.decode(errors="replace")
     assert "\r\x1b[Kpretrain layer 1: epoch " in text and " left (run ~" in text
-    assert "pretrain layer 1 epoch 1/30:" not in text  # no per-epoch lines on a terminal
+    assert "pretrain layer 1 epoch 1/30:" not in text  # no per-epoch lines on a terminal...
+    log = (tmp_path / "run" / "saelab.log").read_text()
+    assert "pretrain layer 1 epoch 1/30:" in log  # ...but in the run's log
     assert "saelab: mnist classes" in text  # the table at the end

@@ -1,9 +1,9 @@
 """Progress during long work: a live line on a terminal, one log line per epoch elsewhere.
 
-The step loop calls `Meter.step()` after every optimiser step: a counter, a read of the stop flag
-and, every few steps, a clock read; the live line is redrawn at most `REDRAW_S` apart and shows
-what is already on the host (the last epoch's loss and validation metric), so drawing never waits
-for the device.
+The per-epoch lines always go to the run's log file. The step loop calls `Meter.step()` after
+every optimiser step: a counter, a read of the stop flag and, every few steps, a clock read; the
+live line is redrawn at most `REDRAW_S` apart and shows what is already on the host (the last
+epoch's loss and validation metric), so drawing never waits for the device.
 
 Time left is estimated from work, not epochs: a step's work is its minibatch size times the
 weights of the network it trains (an autoencoder's encoder and decoder, a classifier's layers).
@@ -26,6 +26,7 @@ from saelab.signals import STOP
 log = logging.getLogger("saelab")
 
 REDRAW_S = 0.25
+EPOCH = "saelab_epoch"  # marks a per-epoch log record
 CHECK_EVERY = 16  # steps between clock reads: a step takes 0.1 ms or more
 
 
@@ -112,8 +113,15 @@ class Progress:
         self._drawn = False
         if self.bar:
             self._filter = _ClearLine(self)
-            for handler in logging.getLogger().handlers:
+            for handler in self._terminal_handlers():
                 handler.addFilter(self._filter)
+
+    @staticmethod
+    def _terminal_handlers() -> list[logging.Handler]:
+        """The log handlers that print to a terminal (the file handler keeps every line)."""
+        return [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                and getattr(h.stream, "isatty", lambda: False)()]
 
     def close(self) -> None:
         self.clear()
@@ -141,10 +149,10 @@ class Progress:
 
     def epoch_done(self, steps: int, epoch: int, record: dict) -> None:
         self.last = record
+        # The epoch's line goes to the log either way; on the terminal the live line shows it.
+        log.info("%s", epoch_line(self.label, epoch, self.epochs, record), extra={EPOCH: True})
         if self.bar:
             self.tick(steps, force=True)
-        else:
-            log.info("%s", epoch_line(self.label, epoch, self.epochs, record))
 
     def line(self, steps: int, now: float) -> str:
         """The live line: stage, epoch, a bar of the stage's steps, times, latest numbers."""
@@ -172,12 +180,15 @@ class Progress:
 
 
 class _ClearLine(logging.Filter):
-    """Clears the live line before a log record prints (the next tick redraws it)."""
+    """On the terminal: drops the per-epoch lines (the live line shows them) and clears the live
+    line before any other record prints (the next tick redraws it)."""
 
     def __init__(self, progress: Progress):
         super().__init__()
         self.progress = progress
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, EPOCH, False):
+            return False
         self.progress.clear()
         return True
