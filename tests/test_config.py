@@ -13,7 +13,7 @@ from conftest import REPO, run_cli
 from omegaconf import OmegaConf
 
 from saelab import schema
-from saelab.cli import sweep_jobs
+from saelab.cli import main, sweep_jobs
 from saelab.config import compose, compose_raw, load_saved, validate
 from saelab.errors import ConfigError
 
@@ -150,15 +150,23 @@ def test_an_optuna_search_is_checked_at_each_choice_and_both_ends_of_each_interv
     (["resume=/nonexistent/run"], "resume"),
     (["seed=0,1"], "seed"),
 ])
-def test_the_front_door_refuses_in_one_line_exit_2_and_leaves_no_folder(tmp_path, args, key):
-    proc = subprocess.run([sys.executable, "-m", "saelab", *args,
-                           f"hydra.run.dir={tmp_path / 'run'}",
-                           f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"saelab: error: {key}=")
-    assert "Traceback" not in proc.stderr and not proc.stdout
+def test_the_front_door_refuses_in_one_line_exit_2_and_leaves_no_folder(tmp_path, monkeypatch,
+                                                                       capsys, args, key):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sw'}"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and not out
+    assert err.count("\n") == 1 and err.startswith(f"saelab: error: {key}=")
     assert list(tmp_path.iterdir()) == []  # no run folder, no sweep folder, no outputs/
+
+
+def test_the_installed_command_refuses_bad_input_the_same_way(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "saelab", "finetune.lr=-1"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not proc.stdout
+    assert proc.stderr == "saelab: error: finetune.lr=-1.0: must be > 0\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resume_into_another_folder_is_refused(tmp_path):
