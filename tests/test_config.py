@@ -95,8 +95,10 @@ def test_scratch_follows_finetune_unless_set():
     assert compose(["finetune.lr=3e-3", "scratch.lr=1e-2"]).scratch.lr == 1e-2
 
 
-def test_a_config_saved_by_the_landed_version_loads_onto_the_schema():
-    cfg = load_saved(LANDED)
+def test_a_config_saved_by_the_landed_version_loads_onto_the_schema(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(LANDED.read_text())
+    cfg = load_saved(tmp_path)
     validate(cfg, files=False)
     saved = OmegaConf.load(LANDED)
     # moved keys went to their new group, kept values are kept, new keys have their defaults

@@ -50,8 +50,8 @@ def test_the_live_line_shows_stage_epoch_steps_times_and_numbers(monkeypatch):
 
     monkeypatch.setenv("COLUMNS", "200")  # the line is cut to the terminal's width
     stream, meter = Terminal(), Meter()
-    progress = Progress("auto", {"finetune": 1000.0}, stream)
-    progress.begin("finetune", "finetune", 4, 10, 25.0, meter)
+    progress = Progress("auto", {"finetune": 1000.0}, stream)  # 40 steps of 25 work units
+    progress.begin("finetune", "finetune", 4, 10, meter)
     for _ in range(16):
         meter.step()
     progress.epoch_done(16, 2, {"epoch": 2, "train_loss": 0.25, "val_acc": 0.9})

@@ -49,9 +49,6 @@ def run(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dic
     job, recorded = job_config(overrides)
     folder = Path(job.resume or run_dir or hydra.run.dir).expanduser()
     from saelab.app import execute  # heavy imports, once the config is known to be good
-    from saelab.pipeline import Laps
 
-    laps = Laps(start)
-    laps.lap("startup")
     with run_logging(folder):
-        return execute(job, folder, recorded, laps)
+        return execute(job, folder, recorded, start)

@@ -17,9 +17,12 @@ from saelab.signals import handled
 log = logging.getLogger("saelab")
 
 
-def execute(cfg: DictConfig, run_dir: Path, overrides: list[str], laps: Laps) -> dict:
-    """Run the experiment of `cfg` (validated) in `run_dir`; return its metrics. An error or a
-    stop request is recorded in metrics.json (the finished stages stay) and raised again."""
+def execute(cfg: DictConfig, run_dir: Path, overrides: list[str], start: float) -> dict:
+    """Run the experiment of `cfg` (validated) in `run_dir`; return its metrics. `start`: when
+    the invocation began (`time.perf_counter()`), the table's start-up row. An error or a stop
+    request is recorded in metrics.json (the finished stages stay) and raised again."""
+    laps = Laps(start)
+    laps.lap("startup")
     folder = RunFolder(run_dir, writer=is_main_process())
     folder.lock()
     try:

@@ -26,7 +26,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from saelab import __version__
-from saelab.config import compose_raw, job_config, resumed_config, validate
+from saelab.config import (
+    CONFIG_MODULE,
+    compose_raw,
+    config_groups,
+    job_config,
+    resumed_config,
+    validate,
+)
 from saelab.errors import ConfigError, Interrupted, NonFiniteLossError
 from saelab.schema import Logger, Strategy, register
 from saelab.signals import STOP
@@ -145,12 +152,9 @@ def help_text() -> str:
     """saelab's help: the template in conf/config.yaml (`hydra.help`) with the config groups and
     their options listed from the files. Rendered here rather than by Hydra, whose `--help`
     composes every option of every group first (about a second)."""
-    conf = files("saelab.conf")
-    template = OmegaConf.load(conf / "config.yaml").hydra.help.template
-    groups = sorted((d.name, sorted(p.name.removesuffix(".yaml") for p in d.iterdir()
-                                    if p.name.endswith(".yaml")))
-                    for d in conf.iterdir() if d.is_dir() and d.name not in ("hydra",))
-    listing = "\n".join(f"{name}: {', '.join(options)}" for name, options in groups if options)
+    template = OmegaConf.load(files(CONFIG_MODULE) / "config.yaml").hydra.help.template
+    listing = "\n".join(f"{name}: {', '.join(options)}"
+                        for name, options in config_groups().items())
     return template.replace("$APP_CONFIG_GROUPS", listing)
 
 
@@ -204,11 +208,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
         cfg, overrides = job_config(list(hc.overrides.task), cfg)
         log.info("saelab %s: starting in %s (loading PyTorch)", __version__, run_dir)
         from saelab.app import execute  # heavy imports, once the config is known to be good
-        from saelab.pipeline import Laps
 
-        laps = Laps(start)
-        laps.lap("startup")
-        metrics = execute(cfg, run_dir, overrides, laps)
+        metrics = execute(cfg, run_dir, overrides, start)
     except ConfigError as exc:
         return fail(exc, "error", 2)
     except NonFiniteLossError as exc:

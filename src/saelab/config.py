@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.resources import files
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from saelab import datasets
 from saelab.errors import ConfigError
+from saelab.runfolder import CONFIG, RunFolder
 from saelab.schema import (
     BOUND_TEXT,
     PRECISIONS,
@@ -42,12 +44,20 @@ MOVED = {
     "trainer.compile": "fastpath.compile",
     "trainer.matmul_precision": "fastpath.matmul_precision",
 }
-# Config groups whose options are files in conf/ (a `group=option` override).
-GROUPS = ("data", "trainer", "logger", "experiment", "hparams_search")
 
 
 # ---------------------------------------------------------------------------------------------
 # Composition
+
+
+def config_groups() -> dict[str, list[str]]:
+    """The config groups and their options (`group=option`), listed from the files in conf/
+    (Hydra's own `hydra/` aside)."""
+    conf = files(CONFIG_MODULE)
+    groups = {d.name: sorted(p.name.removesuffix(".yaml") for p in d.iterdir()
+                             if p.name.endswith(".yaml"))
+              for d in conf.iterdir() if d.is_dir() and d.name != "hydra"}
+    return {name: options for name, options in sorted(groups.items()) if options}
 
 
 @contextmanager
@@ -263,9 +273,13 @@ def select(cfg: DictConfig, path: str) -> Any:
     return OmegaConf.select(cfg, path, throw_on_missing=True)
 
 
-def load_saved(path: Path, key: str = "RUN_DIR") -> DictConfig:
-    """A config saved by this or an earlier version, on the schema: moved keys go to their new
-    place, missing keys take their defaults. `key` names the setting that pointed there."""
+def load_saved(run_dir: str | Path, key: str = "RUN_DIR") -> DictConfig:
+    """The config saved in run folder `run_dir` by this or an earlier version, on the schema:
+    moved keys go to their new place, missing keys take their defaults. `key` names the setting
+    that pointed there."""
+    path = Path(run_dir).expanduser() / CONFIG
+    if not path.is_file():
+        raise ConfigError(key, str(run_dir), f"must be a run folder holding {CONFIG}")
     try:
         saved = OmegaConf.load(path)
     except (OSError, OmegaConfBaseException, ValueError) as exc:
@@ -283,20 +297,13 @@ def load_saved(path: Path, key: str = "RUN_DIR") -> DictConfig:
         raise ConfigError(key, str(path), f"saved config does not fit the schema: {err}") from None
 
 
-def saved_config_path(run_dir: Path) -> Path:
-    return run_dir / ".hydra" / "config.yaml"
-
-
 def resumed_config(run_dir: str, overrides: list[str]) -> DictConfig:
     """The config of `resume=RUN_DIR ...`: the run's saved config with the other overrides applied
     (a `group=option` override applies what that preset changes). Checked like any config."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    path = saved_config_path(Path(run_dir).expanduser())
-    if not path.is_file():
-        raise ConfigError("resume", run_dir, "must be a run folder holding .hydra/config.yaml")
-    cfg = load_saved(path, "resume")
-    defaults = None
+    cfg = load_saved(run_dir, "resume")
+    defaults, groups = None, config_groups()
     for o in OverridesParser.create().parse_overrides(overrides):
         name = o.key_or_group
         if name in ("resume", "overwrite") or (name.startswith("hydra") and name !=
@@ -313,7 +320,7 @@ def resumed_config(run_dir: str, overrides: list[str]) -> DictConfig:
             raise ConfigError(name, o.input_line, "with resume, overrides are key=value or "
                               "group=option")
         try:
-            if name in GROUPS:
+            if name in groups:
                 defaults = compose_raw([]) if defaults is None else defaults
                 changed = compose_raw([o.input_line])
                 for k in leaves():
@@ -337,7 +344,6 @@ def job_config(overrides: list[str], composed: DictConfig | None = None
     if cfg.resume is None:
         validate(cfg)
         return cfg, list(overrides)
-    saved = Path(cfg.resume).expanduser() / ".hydra" / "overrides.yaml"
-    previous = list(OmegaConf.load(saved) or []) if saved.is_file() else []
+    previous = RunFolder(Path(cfg.resume).expanduser(), writer=False).read_overrides()
     new = [o for o in overrides if o.split("=", 1)[0] != "resume"]
     return resumed_config(cfg.resume, overrides), [*previous, *new]

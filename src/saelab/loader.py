@@ -20,11 +20,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from saelab.autoencoder import AutoEncoder, classifier, stack_encoders
-from saelab.config import load_saved, saved_config_path, validate
+from saelab.config import load_saved, validate
 from saelab.data import Splits, load_splits, scale_pixels
 from saelab.errors import ConfigError
 from saelab.evaluation import encode
-from saelab.runfolder import FORMAT, DamagedCheckpoint, RunFolder, expected, read_checkpoint
+from saelab.runfolder import RunFolder, expected
 
 STACKS = ("pretrained", "finetuned", "scratch")
 MODELS = ("finetuned", "scratch", "probe", "baseline")
@@ -121,11 +121,7 @@ class Run:
 def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> Run:
     """A finished run read from its folder, without writing anything (see the module's doc)."""
     path = Path(run_dir).expanduser().resolve()
-    saved = saved_config_path(path)
-    if not saved.is_file():
-        raise ConfigError("RUN_DIR", str(run_dir),
-                          "must be a run folder holding .hydra/config.yaml")
-    cfg = load_saved(saved)
+    cfg = load_saved(path)
     validate(cfg, files=False)
     folder = RunFolder(path, writer=False)
     try:
@@ -137,20 +133,8 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> R
         raise ConfigError("RUN_DIR", str(run_dir), "was written before fingerprints (saelab 0.1) "
                           "or is damaged: metrics.json records no data checksums")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    states = {}
-    for name, exp in expected(cfg, checksums).items():
-        ckpt = folder.checkpoint(name)
-        if not ckpt.is_file():
-            raise ConfigError("RUN_DIR", str(run_dir), f"is not a finished run: missing "
-                              f"{ckpt.relative_to(path)} (finish it: saelab resume={run_dir})")
-        try:
-            contents = read_checkpoint(ckpt)
-        except DamagedCheckpoint as exc:
-            raise ConfigError("RUN_DIR", str(run_dir), str(exc)) from None
-        if contents.get("format", 1) < FORMAT or contents.get("fingerprint") != exp.fingerprint:
-            raise ConfigError("RUN_DIR", str(run_dir), f"{ckpt.relative_to(path)} was not "
-                              "trained with the run's saved config")
-        states[name] = contents["state_dict"]
+    states = {name: saved["state_dict"]
+              for name, saved in folder.finished(expected(cfg, checksums)).items()}
     return build(path, cfg, metrics, states, device)
 
 

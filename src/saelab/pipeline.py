@@ -174,6 +174,7 @@ class Stages:
             if origin != "checkpoint":  # the run folder stays self-contained
                 self.folder.save_stage(exp, {k: saved[k] for k in CONTENTS})
             log.info("%s: loaded from %s, not retrained", stage.label, source)
+            self.progress.skip(name)
             return {"seconds": saved["seconds"], "history": saved["history"], "origin": origin,
                     "fingerprint": exp.fingerprint}
         began = time.perf_counter()
@@ -187,8 +188,7 @@ class Stages:
                 callbacks=[FastPath.from_config(self.cfg.fastpath)],
                 limit_val_batches=None if len(val) else 0)
             train.shard(trainer.global_rank, trainer.world_size)
-            self.progress.begin(name, stage.label, stage.cfg.epochs, train.n_steps,
-                                train.batch_size * weights(stage.model), stage.meter)
+            self.progress.begin(name, stage.label, stage.cfg.epochs, train.n_steps, stage.meter)
             stage.model.train()
             try:
                 trainer.fit(stage, train_dataloaders=train, val_dataloaders=val)
@@ -223,11 +223,6 @@ def where(cfg: DictConfig, device: torch.device) -> dict:
             "cuda_graphs": cfg.fastpath.cuda_graphs, "compile": cfg.fastpath.compile}
 
 
-def weights(model: nn.Module) -> int:
-    """Trainable weights of a network: its work per sample, for the progress estimate."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def run_experiment(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None,
                    laps: Laps | None = None, folder: RunFolder | None = None) -> Run:
     """Run every stage of the experiment described by `cfg` (validated), writing into `out_dir`
@@ -257,7 +252,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, overrides: list[str] | None =
     if isinstance(logger, MLFlowLogger):  # the report adds its figures to the same MLflow run
         metrics["mlflow_run_id"] = logger.run_id
     progress = Progress(cfg.progress if folder.writer else "lines",
-                        stage_work(cfg, want, usable, data, k))
+                        stage_work(cfg, want, data, k))
     run = Stages(cfg, folder, want, usable, device, logger, progress, laps, metrics)
     run.write("data")
 
@@ -346,26 +341,27 @@ def scratch_network(autoencoders: list[AutoEncoder], initial: list[dict], head: 
     return net
 
 
-def stage_work(cfg: DictConfig, want: dict[str, Expected], usable: dict, data: Splits,
+def stage_work(cfg: DictConfig, want: dict[str, Expected], data: Splits,
                k: int) -> dict[str, float]:
-    """Each stage's training work (steps x batch x weights), 0 for stages a checkpoint has: what
-    the progress display estimates time left from."""
+    """Each stage's training work, steps x batch x weights of the network it trains (an
+    autoencoder's encoder and decoder): what the progress display estimates time left from."""
     sizes = list(cfg.model.sizes)
-    n_train = len(data.labelled("train")[1])
+    labelled = data.labelled("train")[0]
     deep = sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True)) + sizes[-1] * k
 
-    def work(stage_cfg, n: int, per_sample: int) -> float:
-        steps = stage_cfg.steps_per_epoch or -(-n // stage_cfg.batch_size)
+    def work(stage_cfg, x: torch.Tensor, per_sample: int) -> float:
+        steps = Minibatches(x, None, stage_cfg.batch_size,
+                            steps_per_epoch=stage_cfg.steps_per_epoch).n_steps
         return float(stage_cfg.epochs * steps * stage_cfg.batch_size * per_sample)
 
-    out = {"baseline": work(cfg.baseline, n_train, sizes[0] * k)}
+    out = {"baseline": work(cfg.baseline, labelled, sizes[0] * k)}
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True), start=1):
-        out[f"pretrain_layer{i}"] = work(cfg.pretrain, len(data.train_y), 2 * a * b)
-    out["probe"] = work(cfg.probe, n_train, sizes[-1] * k)
-    out["finetune"] = work(cfg.finetune, n_train, deep)
+        out[f"pretrain_layer{i}"] = work(cfg.pretrain, data.train_x, 2 * a * b)
+    out["probe"] = work(cfg.probe, labelled, sizes[-1] * k)
+    out["finetune"] = work(cfg.finetune, labelled, deep)
     if "scratch" in want:
-        out["scratch"] = work(cfg.scratch, n_train, deep)
-    return {name: 0.0 if usable.get(name) is not None else w for name, w in out.items()}
+        out["scratch"] = work(cfg.scratch, labelled, deep)
+    return out
 
 
 def summarise(model: nn.Module, data: Splits, fitted: dict) -> dict:

@@ -130,15 +130,20 @@ class Progress:
                 handler.removeFilter(self._filter)
 
     def begin(self, stage: str, label: str, epochs: int, steps_per_epoch: int,
-              unit: float, meter: Meter) -> None:
-        """A stage starts training: `unit` is the work of one of its steps."""
+              meter: Meter) -> None:
+        """A stage starts training, `epochs` of `steps_per_epoch` optimiser steps."""
         self.stage, self.label, self.epochs = stage, label, epochs
-        self.steps_per_epoch, self.unit = steps_per_epoch, unit
+        self.steps_per_epoch = steps_per_epoch
+        self.unit = self.estimate.work[stage] / max(epochs * steps_per_epoch, 1)
         self.start = time.monotonic()
         self.last = {}
         meter.steps = 0
         meter.display = self
         self.tick(0, force=True)
+
+    def skip(self, stage: str) -> None:
+        """A stage taken from a checkpoint: no work left in it."""
+        self.estimate.work[stage] = 0.0
 
     def tick(self, steps: int, force: bool = False) -> None:
         now = time.monotonic()

@@ -356,6 +356,27 @@ class RunFolder:
         self.owned = True
         return usable
 
+    def finished(self, want: dict[str, Expected]) -> dict[str, dict]:
+        """Every stage's checkpoint contents, if the folder holds a finished run of `want`: each
+        checkpoint there, readable, with the fingerprint the run's config gives (so consuming the
+        stages it names). Else a ConfigError naming the missing or unreadable file."""
+        out = {}
+        for name, exp in want.items():
+            path = self.checkpoint(name)
+            where = path.relative_to(self.path)
+            if not path.is_file():
+                raise ConfigError("RUN_DIR", str(self.path), f"is not a finished run: missing "
+                                  f"{where} (finish it: saelab resume={self.path})")
+            try:
+                saved = read_checkpoint(path)
+            except DamagedCheckpoint as exc:
+                raise ConfigError("RUN_DIR", str(self.path), str(exc)) from None
+            if saved.get("format", 1) < FORMAT or saved.get("fingerprint") != exp.fingerprint:
+                raise ConfigError("RUN_DIR", str(self.path), f"{where} was not trained with the "
+                                  "run's saved config")
+            out[name] = saved
+        return out
+
     def save_stage(self, exp: Expected, contents: dict) -> Path:
         """Write a stage's checkpoint (fingerprint, inputs and consumed stages with it)."""
         path = self.checkpoint(exp.stage.name)
