@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from saelab.runfolder import stages
+from saelab.stages import plan
 
 REPO = Path(__file__).resolve().parents[1]
 MARK = "BENCH-RESULT "
@@ -45,21 +45,19 @@ def child(variant: str, device: str, overrides: list[str], steps: int) -> dict:
     from saelab.config import compose
 
     trainer = "trainer=gpu" if device == "cuda" else "trainer=cpu"
-    cfg = compose([trainer, "progress=bar", *overrides])
+    cfg = compose([trainer, "progress=bar", "visualize.enabled=false", *overrides])
     if variant == "saelab":
-        from saelab.pipeline import run_experiment
+        from saelab.app import execute
 
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as out:
-            metrics = run_experiment(cfg, Path(out)).metrics
+            metrics = execute(cfg, Path(out)).metrics
         total = time.perf_counter() - start
-        classifiers = ("baseline", "probe", "finetune", "scratch")
-        stage_s = {"baseline": metrics["baseline"]["seconds"],
-                   **{f"pretrain_layer{i}": layer["seconds"]
-                      for i, layer in enumerate(metrics["pretrain"], start=1)},
-                   **{s: metrics[s]["seconds"] for s in classifiers[1:]}}
-        result = {"stage_s": stage_s, "total_s": total, "n_train": metrics["data"]["n_train"],
-                  "test_acc": {s: metrics[s]["test_acc"] for s in classifiers}}
+        stages = plan(cfg)
+        result = {"stage_s": {s.name: metrics[s.name]["seconds"] for s in stages},
+                  "total_s": total, "n_train": metrics["data"]["n_train"],
+                  "test_acc": {s.name: metrics[s.name]["test_acc"] for s in stages
+                               if s.classifies}}
     elif variant == "plain":
         from plain_loop import run_plain
 
@@ -68,7 +66,7 @@ def child(variant: str, device: str, overrides: list[str], steps: int) -> dict:
         from per_sample import run_per_sample
 
         result = run_per_sample(cfg, steps)
-    epochs = sum(cfg[stage.group].epochs for stage in stages(cfg))
+    epochs = sum(cfg[stage.group].epochs for stage in plan(cfg))
     result.update(epochs=epochs, samples_per_s=result["n_train"] * epochs / result["total_s"],
                   peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)
     return result
@@ -90,7 +88,7 @@ def spawn(variant: str, device: str, overrides: list[str], steps: int) -> dict:
 def epoch_overrides(epochs: int | None) -> list[str]:
     from saelab.config import compose
 
-    groups = dict.fromkeys(stage.group for stage in stages(compose()))
+    groups = dict.fromkeys(stage.group for stage in plan(compose()))
     return [] if epochs is None else [f"{group}.epochs={epochs}" for group in groups]
 
 

@@ -7,7 +7,7 @@ The Python API (imported lazily, so that the command line starts without torch):
     saelab.load_run(run_dir)          a finished run, read only: config, metrics, networks
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["compose", "load_run", "run"]
 
 
@@ -17,7 +17,7 @@ def __getattr__(name: str):
 
         return compose
     if name == "run":
-        from saelab.api import run
+        from saelab.app import run
 
         return run
     if name == "load_run":

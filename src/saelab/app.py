@@ -1,57 +1,219 @@
 """One run, as the command line and `saelab.run` both do it: take the folder's lock, train (or
-continue), draw the figures and the report, record how it ended, print the table."""
+continue) every stage, log the final metrics, draw the figures and the report, record how it
+ended, print the table. `Record` is the one writer of the run's metrics.json: where the numbers
+come from (versions, commit, device, config), each part as it finishes, and the time of each.
+
+Nothing heavy is imported until a run starts, so that `saelab.run` refuses bad input at once.
+"""
 
 from __future__ import annotations
 
 import logging
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+import saelab
+from saelab.config import compose_raw, job_config
 from saelab.errors import ConfigError, Interrupted
-from saelab.pipeline import Laps, is_main_process, run_experiment
-from saelab.report import build_report
-from saelab.runfolder import CLASSIFIERS, RunFolder
-from saelab.signals import handled
+from saelab.runfolder import RunFolder
+
+if TYPE_CHECKING:
+    from saelab.loader import Run
 
 log = logging.getLogger("saelab")
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's job logging
 
 
-def execute(cfg: DictConfig, run_dir: Path, overrides: list[str], start: float) -> dict:
-    """Run the experiment of `cfg` (validated) in `run_dir`; return its metrics. `start`: when
-    the invocation began (`time.perf_counter()`), the table's start-up row. An error or a stop
+# ---------------------------------------------------------------------------------------------
+# Where the numbers come from
+
+
+def git_commit() -> str | None:
+    """The commit of the saelab source tree, if it is a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def versions() -> dict[str, str]:
+    """The versions a run's numbers depend on."""
+    import hydra
+    import omegaconf
+    import pytorch_lightning as pl
+    import tensorboard
+    import torch
+
+    return {"python": platform.python_version(), "saelab": saelab.__version__,
+            "torch": torch.__version__, "lightning": pl.__version__,
+            "hydra": hydra.__version__, "omegaconf": omegaconf.__version__,
+            "tensorboard": tensorboard.__version__}
+
+
+class Laps:
+    """Wall-clock time of each part of an invocation, contiguous, so the parts add up."""
+
+    def __init__(self, start: float | None = None):
+        self.mark = time.perf_counter() if start is None else start
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str) -> float:
+        now = time.perf_counter()
+        self.seconds[f"{name}_s"] = self.seconds.get(f"{name}_s", 0.0) + now - self.mark
+        self.mark = now
+        return self.seconds[f"{name}_s"]
+
+    def timings(self) -> dict[str, float]:
+        return {**self.seconds, "total_s": sum(self.seconds.values())}
+
+
+class Record:
+    """The run's metrics.json and its one writer: rewritten atomically after each part, so an
+    interrupted run keeps what it finished."""
+
+    def __init__(self, folder: RunFolder, laps: Laps, header: dict):
+        self.folder, self.laps, self.metrics = folder, laps, dict(header)
+
+    def __call__(self, part: str, **sections: Any) -> None:
+        """`part` finished (its time lap closes): merge `sections` and write."""
+        self.metrics.update(sections)
+        self.laps.lap(part)
+        self.write()
+
+    def write(self) -> None:
+        self.metrics["timings"] = self.laps.timings()
+        self.folder.write_metrics(self.metrics)
+
+    def ended(self, **fields: Any) -> None:
+        """How a run ended early (an error, a stop request), beside what it finished; only into
+        a folder found to be this config's (an error must not land on another run's results)."""
+        if self.folder.owned:
+            self.metrics.update(fields)
+            self.write()
+
+
+# ---------------------------------------------------------------------------------------------
+# One run
+
+
+def execute(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None,
+            start: float | None = None) -> Run:
+    """Run the experiment of `cfg` (validated) in `run_dir`; return the run (its metrics, data and
+    networks). `overrides`: what the folder records (default: what it holds); `start`: when the
+    invocation began (`time.perf_counter()`), the table's start-up row. An error or a stop
     request is recorded in metrics.json (the finished stages stay) and raised again."""
+    from saelab.loader import Run
+    from saelab.loggers import final_metrics, flat_config, log_final, make_logger, mlflow_run_id
+    from saelab.pipeline import run_experiment
+    from saelab.report import build_report
+    from saelab.runner import data_device, device_name, is_main_process
+    from saelab.signals import handled
+
     laps = Laps(start)
     laps.lap("startup")
     folder = RunFolder(run_dir, writer=is_main_process())
+    device = data_device(cfg)
+    record = Record(folder, laps, {
+        "version": saelab.__version__, "git_commit": git_commit(), "seed": cfg.seed,
+        "versions": versions(), "device": device_name(device),
+        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)})
+    logger = None
+
+    def open_logger():
+        """The run's logger, once the folder is known to be this config's."""
+        nonlocal logger
+        logger = make_logger(cfg, run_dir, mlflow_run_id=folder.read_metrics().get(
+            "mlflow_run_id"))
+        logger.log_hyperparams(flat_config(cfg))
+        if mlflow_run_id(logger):  # the report adds its figures to the same MLflow run
+            record.metrics["mlflow_run_id"] = mlflow_run_id(logger)
+        return logger
+
     folder.lock()
     try:
         with handled():
             try:
-                run = run_experiment(cfg, run_dir, overrides, laps, folder)
+                ex = run_experiment(cfg, folder, device, record,
+                                    open_logger if folder.writer else None, overrides)
+                if logger is not None:  # every finished run, figures or not: sweeps compare
+                    log_final(logger, cfg, final_metrics(cfg, record.metrics))
+                run = Run.of(run_dir, ex, record.metrics)
                 if folder.writer and cfg.visualize.enabled:
                     build_report(run)
                     laps.lap("figures")
             except Interrupted as exc:
-                folder.record(interrupted=exc.signum)
+                record.ended(interrupted=exc.signum)
                 raise
             except ConfigError:  # bad input (another config's folder, bad data): not a result
                 raise
             except Exception as exc:
-                folder.record(error=f"{type(exc).__name__}: {exc}")
+                record.ended(error=f"{type(exc).__name__}: {exc}")
                 raise
-        metrics = {**run.metrics, "timings": laps.timings()}
-        folder.write_metrics(metrics)
+        record.write()
     finally:
         folder.unlock()
     if folder.writer:
-        print(summary_table(metrics, run_dir))
-    return metrics
+        print(summary_table(cfg, record.metrics, run_dir))
+    return run
 
 
-def summary_table(metrics: dict, out_dir: Path) -> str:
+@contextmanager
+def run_logging(run_dir: Path) -> Iterator[None]:
+    """saelab's log lines to the terminal and to `run_dir/saelab.log` for the length of a run."""
+    logger = logging.getLogger("saelab")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handlers = [logging.StreamHandler(sys.stdout),
+                logging.FileHandler(run_dir / "saelab.log")]
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger.addHandler(handler)
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def run(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dict:
+    """`saelab.run`: the experiment of `overrides` (as on the command line, e.g.
+    ["data.classes=[0,9]"]) in `run_dir` (default: a new outputs/runs/<date>_<time>, as the
+    command line); returns its metrics. Raises ConfigError for bad input, as the command line
+    exits 2. The caller's logging and signal handlers are as they were afterwards."""
+    start = time.perf_counter()
+    overrides = list(overrides)
+    composed = compose_raw(overrides, hydra=True)
+    hydra = composed.pop("hydra")
+    job, recorded = job_config(overrides, composed)
+    folder = Path(job.resume or run_dir or hydra.run.dir).expanduser()
+    with run_logging(folder):
+        return execute(job, folder, recorded, start).metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+def summary_table(cfg: DictConfig, metrics: dict, out_dir: Path) -> str:
     """Accuracies of every classifier, and where the invocation's time went: one row per part,
     adding up to the total (stages taken from a checkpoint say so)."""
+    from saelab.stages import plan
+
     data = metrics["data"]
     labelled = "" if data["n_labelled_train"] == data["n_train"] else (
         f", {data['n_labelled_train']} / {data['n_labelled_val']} labelled")
@@ -59,13 +221,12 @@ def summary_table(metrics: dict, out_dir: Path) -> str:
              f"({data['n_train']} train / {data['n_val']} val / {data['n_test']} test{labelled}; "
              f"source {data['source']})",
              f"{'part':<18}{'test acc':>10}{'val acc':>10}{'time':>9}  note"]
-    rows = {s: metrics[s] for s in CLASSIFIERS if s in metrics}
-    rows |= {f"pretrain_layer{i}": layer for i, layer in enumerate(metrics["pretrain"], start=1)}
+    labels = {stage.name: stage.label for stage in plan(cfg)}
     for part, seconds in metrics["timings"].items():
         name = part.removesuffix("_s")
         if name == "total":
             continue
-        stage = rows.get(name, {})
+        stage = metrics.get(name, {}) if name in labels else {}
         test = f"{stage['test_acc']:.2%}" if "test_acc" in stage else ""
         val = f"{stage['val_acc']:.2%}" if "val_acc" in stage else ""
         origin = stage.get("origin", "trained")
@@ -73,7 +234,6 @@ def summary_table(metrics: dict, out_dir: Path) -> str:
             origin, "copied from the store")
         if "val_recon_mse" in stage:
             note = f"val recon MSE {stage['val_recon_mse']:.4f}" + (f"; {note}" if note else "")
-        label = name.replace("pretrain_layer", "pretrain layer ")
-        lines.append(f"{label:<18}{test:>10}{val:>10}{seconds:>8.1f}s  {note}")
+        lines.append(f"{labels.get(name, name):<18}{test:>10}{val:>10}{seconds:>8.1f}s  {note}")
     lines.append(f"{'total':<38}{metrics['timings']['total_s']:>8.1f}s  outputs in {out_dir}")
     return "\n".join(lines)

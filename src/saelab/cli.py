@@ -209,7 +209,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         log.info("saelab %s: starting in %s (loading PyTorch)", __version__, run_dir)
         from saelab.app import execute  # heavy imports, once the config is known to be good
 
-        metrics = execute(cfg, run_dir, overrides, start)
+        metrics = execute(cfg, run_dir, overrides, start).metrics
     except ConfigError as exc:
         return fail(exc, "error", 2)
     except NonFiniteLossError as exc:

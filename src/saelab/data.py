@@ -400,9 +400,14 @@ class Minibatches:
     def n_local(self) -> int:
         return len(self.x) // self.world
 
+    @staticmethod
+    def steps(n: int, batch_size: int, steps_per_epoch: int | None = None) -> int:
+        """Optimiser steps in an epoch over `n` samples."""
+        return steps_per_epoch or -(-n // batch_size)
+
     @property
     def n_steps(self) -> int:
-        return self.steps_per_epoch or -(-self.n_local // self.batch_size)
+        return self.steps(self.n_local, self.batch_size, self.steps_per_epoch)
 
     @property
     def steps_per_item(self) -> int:

@@ -38,6 +38,6 @@ def classifier_metrics(model: nn.Module, splits) -> dict:
 
 
 @torch.no_grad()
-def encode(fn, x: torch.Tensor) -> torch.Tensor:
+def in_chunks(fn, x: torch.Tensor) -> torch.Tensor:
     """Apply `fn` to `x` in chunks without gradients (codes of a whole split)."""
     return torch.cat([fn(part) for part in x.split(CHUNK)]) if len(x) else x

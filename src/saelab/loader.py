@@ -19,31 +19,34 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from saelab.autoencoder import AutoEncoder, classifier, stack_encoders
+from saelab.autoencoder import AutoEncoder, stack_encoders
 from saelab.config import load_saved, validate
 from saelab.data import Splits, load_splits, scale_pixels
 from saelab.errors import ConfigError
-from saelab.evaluation import encode
-from saelab.runfolder import RunFolder, expected
+from saelab.evaluation import in_chunks
+from saelab.runfolder import RunFolder
+from saelab.stages import Experiment, expected, plan
 
-STACKS = ("pretrained", "finetuned", "scratch")
-MODELS = ("finetuned", "scratch", "probe", "baseline")
+PRETRAINED = "pretrain"  # the stack of pretrained encoders, as the probe reads it
 
 
 @dataclass
 class Run:
-    """A run's config, metrics and networks (on `device`, in eval mode)."""
+    """A run's config, metrics and networks (on `device`, in eval mode): the pretrained
+    autoencoders, and every classifier stage's network by stage name."""
 
     dir: Path
     cfg: DictConfig
     metrics: dict
     autoencoders: list[AutoEncoder]
-    baseline: nn.Sequential
-    probe: nn.Sequential
-    finetuned: nn.Sequential
-    scratch: nn.Sequential | None
+    networks: dict[str, nn.Sequential]
     device: torch.device
     data: Splits | None = None
+
+    @classmethod
+    def of(cls, run_dir: Path, ex: Experiment, metrics: dict) -> Run:
+        """The run the pipeline has just trained (with its data)."""
+        return cls(run_dir, ex.cfg, metrics, ex.autoencoders, ex.networks, ex.device, ex.data)
 
     def splits(self) -> Splits:
         """The run's train/val/test splits, loaded once and checked against its data files."""
@@ -61,20 +64,18 @@ class Run:
         """The stacked pretrained encoders (Linear, activation, ...), as the probe reads them."""
         return stack_encoders(self.autoencoders).to(self.device).eval()
 
-    def body(self, stack: str) -> nn.Sequential:
-        if stack not in STACKS or (stack == "scratch" and self.scratch is None):
-            have = [s for s in STACKS if s != "scratch" or self.scratch is not None]
-            raise ConfigError("stack", stack, f"allowed: {', '.join(have)}")
-        return {"pretrained": self.pretrained, "finetuned": self.finetuned[0],
-                "scratch": self.scratch[0] if self.scratch is not None else None}[stack]
+    @property
+    def stacks(self) -> dict[str, nn.Sequential]:
+        """Every stack of encoders by name: the pretrained one, and the body of each network
+        that trained its encoders (fine-tuning, scratch)."""
+        trained = {s.name: self.networks[s.name][0] for s in plan(self.cfg)
+                   if s.trains_encoders and s.name in self.networks}
+        return {PRETRAINED: self.pretrained, **trained}
 
     def network(self, model: str) -> nn.Sequential:
-        nets = {"finetuned": self.finetuned, "scratch": self.scratch, "probe": self.probe,
-                "baseline": self.baseline}
-        if nets.get(model) is None:
-            raise ConfigError("model", model, f"allowed: "
-                              f"{', '.join(m for m in MODELS if nets[m] is not None)}")
-        return nets[model]
+        if model not in self.networks:
+            raise ConfigError("model", model, f"allowed: {', '.join(self.networks)}")
+        return self.networks[model]
 
     def inputs(self, images) -> torch.Tensor:
         """Raw images (integers 0..255, N x 28 x 28 or N x 784; NumPy or torch) as the networks'
@@ -93,27 +94,30 @@ class Run:
         return scale_pixels(x.to(torch.uint8).to(self.device), self.cfg.data.pixels)
 
     @torch.no_grad()
-    def encode(self, images, layer: int | None = None, stack: str = "pretrained",
+    def encode(self, images, layer: int | None = None, stack: str = PRETRAINED,
                scaled: bool = False) -> torch.Tensor:
-        """The codes of hidden layer `layer` (1 = first; default the top) computed by `stack`:
-        the first `layer` Linear+activation pairs of the pretrained, fine-tuned or scratch body,
-        in the pipeline's own chunks (bit-identical to its evaluation on the CPU). `scaled`:
-        `images` are model inputs already, not raw pixels."""
+        """The codes of hidden layer `layer` (1 = first; default the top) computed by `stack`
+        (one of `stacks`: the pretrained encoders, or the body of fine-tuning or scratch): its
+        first `layer` Linear+activation pairs, in the pipeline's own chunks (bit-identical to its
+        evaluation on the CPU). `scaled`: `images` are model inputs already, not raw pixels."""
         n = len(self.autoencoders)
         layer = n if layer is None else layer
         if not 1 <= layer <= n:
             raise ConfigError("layer", layer, f"must be in 1..{n}")
-        net = self.body(stack)[: 2 * layer]
-        return encode(net, images if scaled else self.inputs(images))
+        stacks = self.stacks
+        if stack not in stacks:
+            raise ConfigError("stack", stack, f"allowed: {', '.join(stacks)}")
+        return in_chunks(stacks[stack][: 2 * layer], images if scaled else self.inputs(images))
 
     @torch.no_grad()
-    def predict_proba(self, images, model: str = "finetuned", scaled: bool = False
+    def predict_proba(self, images, model: str = "finetune", scaled: bool = False
                       ) -> torch.Tensor:
-        """Class probabilities of a classifier (`finetuned`, `scratch`, `probe`, `baseline`)."""
+        """Class probabilities of a classifier stage (`finetune`, `scratch`, `probe`,
+        `baseline`, ...)."""
         net = self.network(model)
-        return encode(lambda x: net(x).softmax(1), images if scaled else self.inputs(images))
+        return in_chunks(lambda x: net(x).softmax(1), images if scaled else self.inputs(images))
 
-    def predict(self, images, model: str = "finetuned", scaled: bool = False) -> torch.Tensor:
+    def predict(self, images, model: str = "finetune", scaled: bool = False) -> torch.Tensor:
         """Predicted classes (0..k-1, in the order of `data.classes`)."""
         return self.predict_proba(images, model, scaled).argmax(1)
 
@@ -133,31 +137,9 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> R
         raise ConfigError("RUN_DIR", str(run_dir), "was written before fingerprints (saelab 0.1) "
                           "or is damaged: metrics.json records no data checksums")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    states = {name: saved["state_dict"]
-              for name, saved in folder.finished(expected(cfg, checksums)).items()}
-    return build(path, cfg, metrics, states, device)
-
-
-def build(path: Path, cfg: DictConfig, metrics: dict, states: dict[str, dict],
-          device: torch.device) -> Run:
-    """The run's networks from their state dicts."""
-    sizes, k = list(cfg.model.sizes), len(cfg.data.classes)
-    aes = []
-    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True), start=1):
-        ae = AutoEncoder(d_in, d_out, cfg.model.activation, cfg.model.tied)
-        ae.load_state_dict(states[f"pretrain_layer{i}"])
-        aes.append(ae.to(device).eval())
-
-    def deep(state: dict | None) -> nn.Sequential | None:
-        if state is None:
-            return None
-        net = classifier(stack_encoders(aes), sizes[-1], k)
-        net.load_state_dict(state)
-        return net.to(device).eval()
-
-    baseline = classifier(nn.Identity(), sizes[0], k)
-    baseline.load_state_dict(states["baseline"])
-    probe = classifier(stack_encoders(aes), sizes[-1], k)
-    probe[1].load_state_dict({key[2:]: v for key, v in states["probe"].items()})
-    return Run(path, cfg, metrics, aes, baseline.to(device).eval(), probe.to(device).eval(),
-               deep(states["finetune"]), deep(states.get("scratch")), device)
+    want = expected(cfg, checksums)
+    saved = folder.finished(want)
+    ex = Experiment(cfg, device)
+    for name, exp in want.items():  # each stage rebuilds its network, in order
+        exp.stage.rebuild(ex, exp.settings, saved[name]["state_dict"])
+    return Run(path, cfg, metrics, ex.autoencoders, ex.networks, device)

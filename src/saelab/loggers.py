@@ -1,8 +1,9 @@
 """The experiment logger (`logger=tensorboard|csv|mlflow`), through Lightning's logger API.
 
-Per-epoch scalars reach any logger from `stages.EpochRecord` (`log_metrics`); the config and the
-final metrics go through `log_hyperparams`; figures are images in TensorBoard and artifacts in
-MLflow (the CSV logger keeps scalars only; the PNGs are in `figures/` either way).
+Per-epoch scalars reach any logger from `modules.EpochRecord` (`log_metrics`); the config and, at
+the end of every finished run, its final metrics go through `log_hyperparams` (TensorBoard's
+HPARAMS row); figures are images in TensorBoard and artifacts in MLflow (the CSV logger keeps
+scalars only; the PNGs are in `figures/` either way).
 """
 
 from __future__ import annotations
@@ -65,6 +66,28 @@ def flat_config(cfg: DictConfig) -> dict[str, int | float | str | bool]:
             out[prefix[:-1]] = node if isinstance(node, int | float | str) else json.dumps(node)
 
     walk("", OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    return out
+
+
+def mlflow_run_id(logger: Logger) -> str | None:
+    """The MLflow run a logger writes to (None for the other loggers)."""
+    return logger.run_id if isinstance(logger, MLFlowLogger) else None
+
+
+def final_metrics(cfg: DictConfig, metrics: dict) -> dict[str, float]:
+    """The numbers the jobs of a sweep are compared on: the accuracies of every classifier stage
+    and the reconstruction MSE of every layer, under tags of their own (not the per-epoch
+    curves), and the time spent training."""
+    from saelab.stages import plan
+
+    out, train_s = {}, 0.0
+    for stage in plan(cfg):
+        section = metrics.get(stage.name, {})
+        for key in ("test_acc", "val_acc", "val_recon_mse", "test_recon_mse"):
+            if key in section:
+                out[f"final/{stage.name}_{key}"] = section[key]
+        train_s += section.get("seconds", 0.0)
+    out["final/train_s"] = train_s
     return out
 
 

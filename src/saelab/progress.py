@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from saelab.errors import Interrupted
+from saelab.schema import ProgressMode
 from saelab.signals import STOP
 
 log = logging.getLogger("saelab")
@@ -37,7 +38,7 @@ class Meter:
 
     def __init__(self):
         self.steps = 0
-        self.display: Progress | None = None
+        self.display: ProgressDisplay | None = None
 
     def step(self) -> None:
         self.steps += 1
@@ -97,13 +98,13 @@ class Estimator:
         return here + (later / speed if later else 0.0)
 
 
-class Progress:
+class ProgressDisplay:
     """One run's display. `bar`: a live line per stage on `stream`; `lines`: per-epoch log lines.
     In bar mode, log records (on the same terminal) clear the line before they print."""
 
     def __init__(self, mode: str, work: dict[str, float], stream: TextIO | None = None):
         self.stream = stream or sys.stdout
-        self.bar = mode == "bar" or (mode == "auto" and self.stream.isatty())
+        self.bar = mode == ProgressMode.bar or (mode == ProgressMode.auto and self.stream.isatty())
         self.estimate = Estimator(work)
         self.stage = self.label = ""
         self.epochs = self.steps_per_epoch = 0
@@ -188,7 +189,7 @@ class _ClearLine(logging.Filter):
     """On the terminal: drops the per-epoch lines (the live line shows them) and clears the live
     line before any other record prints (the next tick redraws it)."""
 
-    def __init__(self, progress: Progress):
+    def __init__(self, progress: ProgressDisplay):
         super().__init__()
         self.progress = progress
 

@@ -24,15 +24,15 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from saelab import visualize as vis
-from saelab.autoencoder import stack_encoders
 from saelab.errors import ConfigError
-from saelab.evaluation import encode
-from saelab.loader import Run
-from saelab.loggers import REPORT_SUFFIX, log_figure, log_final, make_logger
-from saelab.runfolder import CLASSIFIERS, OVERRIDES, RunFolder
+from saelab.evaluation import in_chunks
+from saelab.loader import PRETRAINED, Run
+from saelab.loggers import REPORT_SUFFIX, log_figure, make_logger
+from saelab.modules import AutoencoderModule
+from saelab.runfolder import OVERRIDES, RunFolder
 from saelab.schema import Codes
 from saelab.signals import STOP
-from saelab.stages import AutoencoderStage
+from saelab.stages import plan
 
 log = logging.getLogger("saelab")
 
@@ -65,16 +65,14 @@ def sample_indices(labels: torch.Tensor, samples) -> list[int]:
     return samples
 
 
+# The two deep networks whose units are pictured, by stack name (`Run.stacks`) and in words.
+PICTURED = {PRETRAINED: "pretrained", "finetune": "fine-tuned"}
+
+
 def bodies(run: Run) -> dict[str, torch.nn.Sequential]:
-    """The two deep networks whose units are pictured: the stack of pretrained encoders and the
-    fine-tuned body (both Linear, activation, Linear, ...)."""
-    pretrained = stack_encoders(run.autoencoders).to(run.device)
-    return {"pretrained": pretrained, "fine-tuned": run.finetuned[0]}
-
-
-def stage_names(metrics: dict) -> list[str]:
-    """The classifier stages a run's metrics hold, in order."""
-    return [s for s in CLASSIFIERS if s in metrics]
+    """The stacks of the pictured networks (Linear, activation, Linear, ...), by their words."""
+    stacks = run.stacks
+    return {words: stacks[name] for name, words in PICTURED.items()}
 
 
 def pictures(run, settings: DictConfig) -> Iterator[Picture]:
@@ -83,21 +81,23 @@ def pictures(run, settings: DictConfig) -> Iterator[Picture]:
     yield from reconstruction_pictures(run, nets["pretrained"], settings.samples)
     yield from feature_pictures(run, nets, settings.actmax)
     data, finetune = run.splits(), run.metrics["finetune"]
+    stages = plan(run.cfg)
     yield Picture("confusion_matrix.png", "finetune/confusion_matrix",
                   "Fine-tuned network on the test set",
                   vis.confusion_figure(finetune["confusion_matrix"], data.class_names,
                                        f"Fine-tuned network, test set: accuracy "
                                        f"{finetune['test_acc']:.2%}"))
-    codes = {name: encode(body, data.test_x) for name, body in nets.items()}
+    codes = {name: in_chunks(body, data.test_x) for name, body in nets.items()}
     yield Picture("codes_2d.png", "codes/pca",
                   "Top-layer codes of the test set, first two principal components",
                   vis.codes_figure([(f"{name} stack: {c.shape[1]} top codes, PCA", vis.pca_2d(c))
                                     for name, c in codes.items()],
                                    data.test_y, data.class_names))
     yield Picture("curves.png", "summary/curves", "Training curves of every stage",
-                  vis.curves_figure([layer["history"] for layer in run.metrics["pretrain"]],
-                                    {s: run.metrics[s]["history"]
-                                     for s in stage_names(run.metrics)}))
+                  vis.curves_figure([run.metrics[s.name]["history"] for s in stages
+                                     if not s.classifies],
+                                    {s.name: run.metrics[s.name]["history"] for s in stages
+                                     if s.classifies}))
 
 
 @torch.no_grad()
@@ -112,7 +112,7 @@ def reconstruction_pictures(run, stack: torch.nn.Sequential, samples) -> Iterato
     limits = (data.background, 1.0)
     for k, ae in enumerate(aes, start=1):
         hidden = ae.encode(inputs)
-        recon = AutoencoderStage(ae, run.cfg.pretrain, "", "").reconstruct(inputs)
+        recon = AutoencoderModule(ae, run.cfg.pretrain, "", "").reconstruct(inputs)
         yield Picture(f"layer{k}_reconstruction.png", f"pretrain/layer{k}/reconstruction",
                       f"Layer {k} autoencoder: input, code and reconstruction of test images",
                       vis.layer_panel(inputs, hidden, recon, labels, k, limits))
@@ -173,26 +173,9 @@ def log_embedding(logger: TensorBoardLogger, run: Run, points: int) -> None:
                              tag=f"codes/{name.replace('-', '')}")
 
 
-def final_metrics(metrics: dict) -> dict[str, float]:
-    """The numbers a sweep is compared on: accuracies of every classifier stage and the
-    reconstruction MSE of every layer, under tags of their own (not the per-epoch curves)."""
-    out = {}
-    for stage in stage_names(metrics):
-        for key in ("test_acc", "val_acc"):
-            if key in metrics[stage]:
-                out[f"final/{stage}_{key}"] = metrics[stage][key]
-    for k, layer in enumerate(metrics["pretrain"], start=1):
-        for key in ("val_recon_mse", "test_recon_mse"):
-            if key in layer:
-                out[f"final/layer{k}_{key}"] = layer[key]
-    out["final/train_s"] = training_seconds(metrics)
-    return out
-
-
-def training_seconds(metrics: dict) -> float:
+def training_seconds(run: Run) -> float:
     """Time spent training, summed over stages (kept when a run is reloaded or resumed)."""
-    return sum(metrics[s]["seconds"] for s in stage_names(metrics)) + sum(
-        layer["seconds"] for layer in metrics["pretrain"])
+    return sum(run.metrics[s.name]["seconds"] for s in plan(run.cfg))
 
 
 def markdown_report(run, figures: list[Picture]) -> str:
@@ -210,19 +193,22 @@ def markdown_report(run, figures: list[Picture]) -> str:
     lines += ["", "Full config: `.hydra/config.yaml`; all numbers: `metrics.json`.", "",
               "## Results", "", "| stage | test accuracy | val accuracy | time |",
               "|---|---:|---:|---:|"]
-    for stage in stage_names(m):
-        s, title = m[stage], f"{stage}: {CLASSIFIERS[stage]}"
+    stages = plan(run.cfg)
+    for stage in (s for s in stages if s.classifies):
+        s = m[stage.name]
         val = f"{s['val_acc']:.2%}" if "val_acc" in s else "–"
-        lines.append(f"| {title} | {s['test_acc']:.2%} | {val} | {s['seconds']:.1f} s |")
+        lines.append(f"| {stage.name}: {stage.about} | {s['test_acc']:.2%} | {val} | "
+                     f"{s['seconds']:.1f} s |")
     lines += ["", "Greedy layer-wise pretraining, reconstruction MSE per value:", "",
               "| layer | sizes | train MSE | val MSE | test MSE | time |",
               "|---|---|---:|---:|---:|---:|"]
-    for k, layer in enumerate(m["pretrain"], start=1):
+    for k, stage in enumerate((s for s in stages if not s.classifies), start=1):
+        layer = m[stage.name]
         mse = [f"{layer[key]:.4f}" if key in layer else "–"
                for key in ("train_recon_mse", "val_recon_mse", "test_recon_mse")]
         lines.append(f"| {k} | {layer['in']} → {layer['out']} | {' | '.join(mse)} | "
                      f"{layer['seconds']:.1f} s |")
-    lines += ["", f"Training time, all stages: {training_seconds(m):.1f} s.", "", "## Figures",
+    lines += ["", f"Training time, all stages: {training_seconds(run):.1f} s.", "", "## Figures",
               "", "Every tile of the unit grids (`features_layer*.png`) is divided by its own "
               "largest absolute value: red positive, blue negative, white zero. The "
               "activation-maximisation grids (`*_actmax.png`) show inputs inside the pixel range "
@@ -234,8 +220,8 @@ def markdown_report(run, figures: list[Picture]) -> str:
 
 
 def build_report(run: Run) -> Path:
-    """Write figures/*.png, the same images, the code embedding and the final metrics in the run's
-    logger, and report.md for `run`; return the path of report.md."""
+    """Write figures/*.png, the same images and the code embedding in the run's logger, and
+    report.md for `run`; return the path of report.md."""
     settings = run.cfg.visualize
     out_dir = run.dir / FIGURES
     out_dir.mkdir(exist_ok=True)
@@ -260,7 +246,6 @@ def build_report(run: Run) -> Path:
         done.append(picture)
     if tensorboard and settings.embedding_points:
         log_embedding(logger, run, settings.embedding_points)
-    log_final(logger, run.cfg, final_metrics(run.metrics))
     logger.finalize("success")
     path = run.dir / "report.md"
     path.write_text(markdown_report(run, done))

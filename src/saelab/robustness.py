@@ -21,11 +21,11 @@ from omegaconf import DictConfig
 from saelab.data import PIXEL_SCALES
 from saelab.errors import ConfigError
 from saelab.loader import load_run
+from saelab.modules import corrupt
 from saelab.schema import Noise, Pixels
-from saelab.stages import corrupt
 
 # Gaussian sigma in units of [-1, 1] pixels (scaled to each run's pixel range), masked fraction.
-LEVELS = {"gaussian": (0.0, 0.1, 0.25, 0.5, 1.0), "masking": (0.0, 0.1, 0.25, 0.5)}
+LEVELS = {Noise.gaussian: (0.0, 0.1, 0.25, 0.5, 1.0), Noise.masking: (0.0, 0.1, 0.25, 0.5)}
 NOISE_SEED = 1234
 
 
@@ -35,7 +35,7 @@ def noisy(x: torch.Tensor, kind: str, level: float, pixels: str) -> torch.Tensor
     scale = PIXEL_SCALES[Pixels(pixels)]
     low, high = scale(0.0), scale(255.0)
     torch.manual_seed(NOISE_SEED)
-    if kind == "gaussian":
+    if kind == Noise.gaussian:
         return corrupt(x, kind, level * (high - low) / 2, low).clamp(low, high)
     return corrupt(x, kind, level, low)
 
@@ -66,8 +66,8 @@ def measure(run_dirs: list[Path], device: str = "cpu") -> list[dict]:
             label = f"{label} [{run_dir.name}]"
         labels.add(label)
         models = [("pixel baseline", "baseline")] if i == 0 else []
-        models.append((label, "finetuned"))
-        if run.scratch is not None:
+        models.append((label, "finetune"))
+        if "scratch" in run.networks:
             models.append((f"from scratch [{run_dir.name}]", "scratch"))
         for name, model in models:
             for kind, levels in LEVELS.items():
@@ -94,8 +94,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    titles = {"gaussian": "Gaussian noise, sigma (pixels in [-1, 1])",
-              "masking": "masking, fraction of pixels set to background"}
+    titles = {Noise.gaussian: "Gaussian noise, sigma (pixels in [-1, 1])",
+              Noise.masking: "masking, fraction of pixels set to background"}
     fig, axes = plt.subplots(1, len(LEVELS), figsize=(11, 4), sharey=True)
     for ax, kind in zip(axes, LEVELS, strict=True):
         for model in dict.fromkeys(r["model"] for r in rows):

@@ -1,5 +1,5 @@
-"""The run folder: what it holds, who writes it, which stages a config has, and when a checkpoint
-may stand for a stage of that config.
+"""The run folder, files only: what it holds, who writes it, and when a checkpoint found there may
+stand for a stage of the config being run.
 
     RUN/
       .hydra/config.yaml   the config (unresolved, as composed) and .hydra/overrides.yaml
@@ -9,19 +9,16 @@ may stand for a stage of that config.
       tensorboard/ csv/    the logger's files;  figures/, report.md: the report
       saelab.log           the log (Hydra's file handler)
 
-Every stage declares once, in `stages()`, which config keys it reads and which stages it consumes.
-Its checkpoint records a fingerprint of those keys' resolved values, of the data files' checksums,
-of the consumed stages' fingerprints and of the checkpoint format. A checkpoint is reused only
-when its fingerprint is the config's; one of another config stops the run before training
+Each checkpoint records its stage's fingerprint (`saelab.stages`: the config keys the stage reads,
+the data files' checksums, the stages it consumes, the checkpoint format). A checkpoint is reused
+only when its fingerprint is the config's; one of another config stops the run before training
 (`overwrite=true` clears the folder instead), and a missing or unreadable one is retrained with
-every stage that consumes it. Where a run ran (accelerator, devices, fast path), its figures,
-logger and progress display are recorded, never fingerprinted.
+every stage that consumes it.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -29,15 +26,15 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from saelab.errors import ConfigError
-from saelab.schema import leaves
+
+if TYPE_CHECKING:
+    from saelab.stages import Expected
 
 log = logging.getLogger("saelab")
 
@@ -50,118 +47,6 @@ LOCK = ".lock"
 # What saelab writes into a run folder; `overwrite=true` removes these and nothing else (the log
 # is being appended to by this very run, the lock is held by it).
 OWN_FILES = (".hydra", METRICS, CHECKPOINTS, "figures", "report.md", "tensorboard", "csv")
-
-
-# ---------------------------------------------------------------------------------------------
-# The stages of a config
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One trained stage: its name (checkpoint stem, metrics key), what it reads and consumes."""
-
-    name: str
-    label: str
-    keys: tuple[str, ...]
-    consumes: tuple[str, ...] = ()
-    labelled: bool = True  # sees labels (the `data.labels_per_class` subset)
-
-    @property
-    def group(self) -> str:
-        """The config group of its optimisation settings (`pretrain` for every layer)."""
-        return self.name.partition("_layer")[0]
-
-
-# The stages that classify, in the order they run, and what each one is.
-CLASSIFIERS = {"baseline": "softmax regression on pixels",
-               "probe": "linear head on the frozen pretrained stack",
-               "finetune": "whole stack and head, end to end",
-               "scratch": "the same network from random weights, end to end"}
-
-# Keys every stage reads: which images (and with labels, which of them are labelled), and the
-# numerics that change results.
-DATA = ("seed", "data.name", "data.classes", "data.pixels", "data.val_size", "data.train_limit")
-LABELS = ("data.labels_per_class", "data.labelled_val_per_class")
-NUMERICS = ("trainer.precision", "fastpath.matmul_precision")
-
-
-def group(prefix: str, *without: str) -> tuple[str, ...]:
-    """Every key of a config group, from the schema, less `without`."""
-    return tuple(k.path for k in leaves() if k.path.startswith(f"{prefix}.")
-                 and k.path not in without)
-
-
-def stages(cfg: DictConfig) -> list[Stage]:
-    """The stages of `cfg`, in the order they run."""
-    n = len(cfg.model.sizes) - 1
-    layers = [f"pretrain_layer{k}" for k in range(1, n + 1)]
-    out = [Stage("baseline", "baseline", DATA + LABELS + group("baseline") + NUMERICS)]
-    for k, name in enumerate(layers, start=1):
-        # Layer k reads its own sizes and noise level, and (from layer 2) the codes of the layer
-        # below, which are `pretrain.codes` of that layer: nothing of the layers above it.
-        own = (f"model.sizes.{k - 1}", f"model.sizes.{k}", "model.activation", "model.tied",
-               f"pretrain.noise.levels.{k - 1}")
-        keys = group("pretrain", "pretrain.noise.levels", *(("pretrain.codes",) if k == 1 else ()))
-        out.append(Stage(name, f"pretrain layer {k}", DATA + own + keys + NUMERICS,
-                         consumes=tuple(layers[k - 2: k - 1]), labelled=False))
-    out.append(Stage("probe", "probe", DATA + LABELS + group("probe") + NUMERICS,
-                     consumes=tuple(layers)))
-    out.append(Stage("finetune", "finetune", DATA + LABELS + group("finetune") + NUMERICS,
-                     consumes=("probe",)))
-    if cfg.scratch.epochs > 0:
-        # Scratch starts from the encoders' and the probe head's initial weights, which the
-        # random-number stream of pretraining determines: it consumes the pretrained layers.
-        out.append(Stage("scratch", "scratch", DATA + LABELS + group("scratch") + (
-            "model.sizes", "model.activation") + NUMERICS, consumes=tuple(layers)))
-    return out
-
-
-def plain(value: Any) -> Any:
-    """A config value as plain JSON data (enums as their names)."""
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True, enum_to_str=True)
-    return value.value if isinstance(value, Enum) else value
-
-
-def key_value(cfg: DictConfig, key: str) -> Any:
-    """The resolved value of a stage key; a list element of a null list is null."""
-    parent, _, last = key.rpartition(".")
-    if last.isdigit():
-        items = OmegaConf.select(cfg, parent)
-        return None if items is None else plain(items[int(last)])
-    return plain(OmegaConf.select(cfg, key, throw_on_missing=True))
-
-
-def stage_inputs(cfg: DictConfig, stage: Stage) -> dict[str, Any]:
-    return {key: key_value(cfg, key) for key in stage.keys}
-
-
-def fingerprint(stage: str, inputs: dict, data: dict, consumes: dict) -> str:
-    blob = json.dumps({"format": FORMAT, "stage": stage, "inputs": inputs, "data": data,
-                       "consumes": consumes}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-@dataclass
-class Expected:
-    """What a stage's checkpoint must record to stand for it in this config."""
-
-    stage: Stage
-    inputs: dict[str, Any]
-    data: dict[str, str]
-    consumes: dict[str, str]
-    fingerprint: str
-
-
-def expected(cfg: DictConfig, data: dict[str, str]) -> dict[str, Expected]:
-    """Each stage's fingerprint under `cfg`, with data files of checksums `data`."""
-    out: dict[str, Expected] = {}
-    for stage in stages(cfg):
-        inputs = stage_inputs(cfg, stage)
-        consumes = {c: out[c].fingerprint for c in stage.consumes}
-        out[stage.name] = Expected(stage, inputs, data, consumes,
-                                   fingerprint(stage.name, inputs, data, consumes))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

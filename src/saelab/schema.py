@@ -15,7 +15,7 @@ heavy import.
 from __future__ import annotations
 
 import copy
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -98,7 +98,7 @@ class MatmulPrecision(StrEnum):
     medium = "medium"  # bfloat16
 
 
-class Progress(StrEnum):
+class ProgressMode(StrEnum):
     auto = "auto"  # a live progress line on a terminal, per-epoch lines elsewhere
     bar = "bar"  # always the live line
     lines = "lines"  # always the per-epoch lines
@@ -226,30 +226,37 @@ class FinetuneConfig(StageConfig):
     dropout: DropoutConfig = key(DropoutConfig(), "dropout")
 
 
-def _finetunes(name: str) -> str:
-    return II(f"finetune.{name}")
+def following(cls: type, leader: str, name: str, doc: str, drop: tuple[str, ...] = (),
+              docs: dict[str, str] | None = None) -> type:
+    """A config class with every key of `cls` but `drop`, each defaulting to the same key of the
+    group `leader` (`${leader.key}`), nested groups key by key: a key added to `cls` follows
+    without a second class to edit. `docs`: descriptions that differ from `cls`'s."""
+    docs = docs or {}
+    out = []
+    for f in fields(cls):
+        if f.name in drop:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        text = docs.get(f.name, f.metadata["doc"])
+        if is_dataclass(default):
+            sub = following(type(default), f"{leader}.{f.name}", f"{name}{f.name.title()}",
+                            text)
+            out.append((f.name, sub, key(sub(), text)))
+        else:
+            out.append((f.name, f.type, key(II(f"{leader}.{f.name}"), text,
+                                            **f.metadata["bounds"])))
+    made = make_dataclass(name, out)
+    made.__module__, made.__doc__ = __name__, doc  # where its types' names resolve
+    return made
 
 
-@dataclass
-class ScratchConfig(StageConfig):
-    """The fine-tuned network's control: the same network from random weights. Every key
-    defaults to fine-tuning's, so `finetune.lr=...` sets both; `scratch.epochs=0` skips it."""
-
-    optimizer: Optimizer = key(_finetunes("optimizer"), "optimiser")
-    lr: float = key(_finetunes("lr"), "learning rate", gt=0)
-    momentum: float = key(_finetunes("momentum"), "momentum (sgd only)", ge=0)
-    nesterov: bool = key(_finetunes("nesterov"), "Nesterov momentum (sgd only)")
-    weight_decay: float = key(_finetunes("weight_decay"), "L2 weight decay", ge=0)
-    epochs: int = key(_finetunes("epochs"), "epochs (0: no scratch stage)", ge=0)
-    batch_size: int = key(_finetunes("batch_size"), "minibatch size", gt=0)
-    schedule: Schedule = key(_finetunes("schedule"), "learning-rate schedule, per epoch")
-    patience: int | None = key(_finetunes("patience"), "early-stopping patience", gt=0)
-    steps_per_epoch: int | None = key(_finetunes("steps_per_epoch"), "optimiser steps per epoch",
-                                      gt=0)
-    sample_with_replacement: bool = key(_finetunes("sample_with_replacement"),
-                                        "draw minibatches with replacement")
-    dropout: DropoutConfig = key(DropoutConfig(input=_finetunes("dropout.input"),
-                                               hidden=_finetunes("dropout.hidden")), "dropout")
+# The fine-tuned network's control: the same network from random weights. Every key follows
+# fine-tuning's (`finetune.lr=...` sets both) but the encoders' learning-rate scale, which only
+# pretrained encoders have; `scratch.epochs=0` skips it.
+ScratchConfig = following(FinetuneConfig, "finetune", "ScratchConfig",
+                          "The fine-tuned network trained from random weights: the control.",
+                          drop=("encoder_lr_scale",),
+                          docs={"epochs": "epochs (0: no scratch stage)"})
 
 
 @dataclass
@@ -303,13 +310,14 @@ class LoggerConfig:
 
 @dataclass
 class Config:
-    seed: int = key(0, "random seed of everything: splits, initial weights, minibatches")
+    seed: int = key(0, "random seed of everything: splits, initial weights, minibatches",
+                    ge=0, le=2**32 - 1)
     resume: str | None = key(None, "a run folder to continue: finished stages are loaded")
     overwrite: bool = key(False, "train into a folder holding another config's results, "
                           "removing saelab's files there first")
     store: str | None = key(None, "a folder of finished stages shared between runs: a stage "
                             "whose fingerprint is there is copied, not trained")
-    progress: Progress = key(Progress.auto, "progress display")
+    progress: ProgressMode = key(ProgressMode.auto, "progress display")
     data: DataConfig = key(DataConfig(), "data")
     model: ModelConfig = key(ModelConfig(), "network")
     baseline: StageConfig = key(StageConfig(), "softmax regression on raw pixels")
@@ -350,6 +358,12 @@ class Key:
     doc: str
     bounds: dict[str, float]
 
+    @property
+    def choices(self) -> type[StrEnum] | None:
+        """The enum of the key's allowed values, if it has one."""
+        name = self.type if isinstance(self.type, str) else getattr(self.type, "__name__", "")
+        return next((e for e in StrEnum.__subclasses__() if e.__name__ == name), None)
+
 
 def leaves(cls: type = Config, prefix: str = "") -> list[Key]:
     """Every leaf key of the schema, depth first, in declaration order."""
@@ -367,12 +381,17 @@ def leaves(cls: type = Config, prefix: str = "") -> list[Key]:
 BOUND_TEXT = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
+def bound_texts(k: Key) -> list[str]:
+    """The key's bounds in words: [">= 0", "<= 4294967295"]."""
+    return [f"{BOUND_TEXT[b]} {int(v) if float(v).is_integer() else f'{v:g}'}"
+            for b, v in k.bounds.items()]
+
+
 def type_text(k: Key) -> str:
     """The key's type in words, with its choices."""
+    if k.choices is not None:
+        return " \\| ".join(k.choices)
     t = k.type if isinstance(k.type, str) else getattr(k.type, "__name__", str(k.type))
-    for enum in StrEnum.__subclasses__():
-        if enum.__name__ in t:
-            return " \\| ".join(enum)
     return t.replace("|", "or").replace(" None", " null")
 
 
@@ -384,7 +403,7 @@ def markdown() -> str:
              "Values like `${finetune.lr}` follow the key they name unless set.", "",
              "| key | type | default | range | description |", "|---|---|---|---|---|"]
     for k in leaves():
-        bounds = ", ".join(f"{BOUND_TEXT[b]} {v:g}" for b, v in k.bounds.items())
+        bounds = ", ".join(bound_texts(k))
         default = "null" if k.default is None else str(k.default).replace("|", "\\|")
         lines.append(f"| `{k.path}` | {type_text(k)} | `{default}` | {bounds} | {k.doc} |")
     return "\n".join(lines) + "\n"

@@ -1,304 +1,410 @@
-"""The trainable stages as LightningModules, and the per-epoch concerns as Lightning callbacks.
+"""The stages of an experiment, in one place: for each, its name, label and config group, the config
+keys it reads, the stages it consumes, whether it sees labels, how its network is built and handed
+on, its work, and how a finished run's folder rebuilds it.
 
-A stage holds its model, its loss, its evaluation and its optimiser. Each Lightning step receives a
-chunk of minibatch index slices (see `data.Minibatches`) and runs them as plain optimiser steps, so
-Lightning's per-step machinery stays outside the hot loop; the loss is summed on the device and
-read once per epoch (no host sync inside an epoch). The validation metric goes through `self.log`,
-where Lightning's callbacks find it: `KeepBest` keeps the weights of the best validation epoch (in
-memory) and Lightning's `EarlyStopping` applies `patience`. `EpochRecord` keeps each stage's history
-and sends the epoch's scalars to every logger. A stage brings these callbacks itself
-(`configure_callbacks`), so any Trainer that fits it applies them.
+`plan(cfg)` lists the stages of a config in the order they run; the pipeline walks it, the run
+folder checks checkpoints against `expected(...)`, and the loader, the progress display, the
+terminal table, the report, the sweep summary, the robustness study and the benchmark read it.
+Adding a stage is one entry in `plan` plus its class here (and its Lightning module).
+
+A stage reads its config through a `View` of exactly the keys it declares, resolved: reading any
+other key is an error, so the fingerprint (those values, the data files' checksums, the consumed
+stages' fingerprints, the checkpoint format) cannot leave out something a stage depends on. What
+the pipeline reads beside the stages (where a run runs: accelerator, devices, the fast path; its
+figures, logger and progress display) is recorded, never fingerprinted; tests/test_stages.py
+checks that none of it changes a trained weight.
 """
 
 from __future__ import annotations
 
-import logging
-import math
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EarlyStopping
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
-from torch.nn import functional as F
 
-from saelab.autoencoder import AutoEncoder
-from saelab.errors import NonFiniteLossError
-from saelab.evaluation import CHUNK
-from saelab.fastpath import StepLoop
-from saelab.progress import Meter
-from saelab.schema import Noise, Optimizer, ReconLoss, Schedule, Sparsity
+from saelab.autoencoder import AutoEncoder, classifier, stack_encoders
+from saelab.data import Splits
+from saelab.evaluation import CHUNK, classifier_metrics, in_chunks
+from saelab.modules import AutoencoderModule, ClassifierModule, StageModule
+from saelab.runfolder import FORMAT
+from saelab.schema import Codes, leaves
 
-log = logging.getLogger("saelab")
-
-
-def make_optimizer(groups: list[dict], cfg, capturable: bool = False) -> torch.optim.Optimizer:
-    """SGD (with momentum/nesterov), Adam or AdamW on parameter groups, each group's `lr_scale`
-    multiplying the stage's learning rate."""
-    groups = [{"params": g["params"], "lr": cfg.lr * g.get("lr_scale", 1.0)} for g in groups]
-    if cfg.optimizer == Optimizer.sgd:
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.momentum > 0 and cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
-    kind = {Optimizer.adam: torch.optim.Adam, Optimizer.adamw: torch.optim.AdamW}[cfg.optimizer]
-    if capturable:
-        # A CUDA graph reads the learning rate from a device tensor at every replay, so the
-        # schedule's per-epoch changes (written in place into it) reach the captured step.
-        device = groups[0]["params"][0].device
-        for group in groups:
-            group["lr"] = torch.tensor(group["lr"], device=device)
-    # fused: one kernel updates every parameter (10-15% faster steps on the CPU, fewer launches
-    # on a GPU); capturable: step counts on the device, so that a CUDA graph can replay it.
-    return kind(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True,
-                capturable=capturable)
+# Keys every stage reads: which images (and with labels, which of them are labelled), and the
+# numerics that change results.
+DATA = ("seed", "data.name", "data.classes", "data.pixels", "data.val_size", "data.train_limit")
+LABELS = ("data.labels_per_class", "data.labelled_val_per_class")
+NUMERICS = ("trainer.precision", "fastpath.matmul_precision")
+# Scratch trains on a generator of its own (seeded from `seed` and this), so that adding it, or
+# its dropout, changes no other stage's numbers.
+SCRATCH_SEED = 104_729
 
 
-def corrupt(x: torch.Tensor, kind: str, level: float, background: float) -> torch.Tensor:
-    """Denoising corruption (Vincent et al. 2010): masking sets a fraction `level` of inputs to the
-    background value, gaussian adds N(0, level^2), salt_pepper sets a fraction to min or max."""
-    if kind == Noise.none or level == 0:
-        return x
-    if kind == Noise.gaussian:
-        return x + level * torch.randn_like(x)
-    hit = torch.rand_like(x) < level
-    if kind == Noise.masking:
-        return x.masked_fill(hit, background)
-    if kind == Noise.salt_pepper:
-        salt = torch.where(torch.rand_like(x) < 0.5, 1.0, background)
-        return torch.where(hit, salt, x)
-    raise ValueError(f"unknown corruption {kind!r}")
-
-
-def kl_sparsity(codes: torch.Tensor, target: float, low: float) -> torch.Tensor:
-    """Sum over units of KL(target || mean activation), activations mapped from [low, 1] to
-    [0, 1] so that tanh and sigmoid units share one definition."""
-    rho_hat = ((codes - low) / (1 - low)).mean(0).clamp(1e-6, 1 - 1e-6)
-    rho = target
-    return (rho * torch.log(rho / rho_hat)
-            + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
-
-
-class Stage(pl.LightningModule):
-    """What every stage shares: the step loop, the epoch's loss, the optimiser and schedule, and
-    the validation metric (`monitor`, better when higher with `mode="max"`). Subclasses define
-    `loss`, `evaluate` and `val_metric`."""
-
-    monitor = "val_acc"
-    mode = "max"
-
-    def __init__(self, model: nn.Module, cfg, label: str, tag: str):
-        super().__init__()
-        self.model, self.cfg, self.label, self.tag = model, cfg, label, tag
-        self.automatic_optimization = False
-        self.history: list[dict] = []
-        self.meter = Meter()
-        self._loss_sum: torch.Tensor | None = None
-        self._steps = 0
-        self._val_sums: list[torch.Tensor] = []
-        # Eager optimiser steps; the FastPath callback picks each fit's loop (graphs on a GPU).
-        self.step_loop = StepLoop(self.loss, self.manual_backward, meter=self.meter)
-
-    def param_groups(self) -> list[dict]:
-        return [{"params": list(self.model.parameters())}]
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        """The per-epoch concerns, joined to any Trainer that fits this stage: history and
-        logging, the best validation epoch's weights, early stopping after `patience` epochs
-        without improvement (without a validation split: the last epoch, no early stop)."""
-        callbacks: list[pl.Callback] = [EpochRecord(), KeepBest()]
-        if self.cfg.patience:
-            callbacks.append(EarlyStopping(self.monitor, mode=self.mode,
-                                           patience=self.cfg.patience,
-                                           check_on_train_epoch_end=False, strict=False))
-        return callbacks
-
-    def configure_optimizers(self):
-        optimizer = make_optimizer(self.param_groups(), self.cfg, self.step_loop.capturable)
-        if self.cfg.schedule == Schedule.cosine:
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(self.cfg.epochs, 1))
-            return [optimizer], [sched]
-        return optimizer
-
-    def training_step(self, batch, batch_idx):
-        x, y, slices = batch
-        total = self.step_loop.run(self.optimizers(use_pl_optimizer=False), x, y, slices)
-        self._loss_sum = total if self._loss_sum is None else self._loss_sum + total
-        self._steps += len(slices)
-
-    def epoch_loss(self) -> float:
-        """The epoch's mean training loss over every process (the epoch's one host sync);
-        NonFiniteLossError if it diverged."""
-        loss = self.trainer.strategy.reduce(self._loss_sum / self._steps, reduce_op="mean").item()
-        self._loss_sum, self._steps = None, 0
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"{self.label}: training loss became {loss} in epoch {self.current_epoch + 1}; "
-                f"try a lower learning rate (now {self.cfg.lr})")
-        return loss
-
-    def on_train_epoch_end(self):
-        sched = self.lr_schedulers()
-        if sched is not None:
-            sched.step()
-
-    def validation_step(self, batch, batch_idx):
-        sums = self.evaluate(*batch)
-        self._val_sums = sums if not self._val_sums else [a + b for a, b in
-                                                           zip(self._val_sums, sums, strict=True)]
-
-    def on_validation_epoch_end(self):
-        sums = [float(v) for v in torch.stack(self._val_sums).tolist()]
-        self._val_sums = []
-        if not self.trainer.sanity_checking:
-            self.log(self.monitor, sums[0] / sums[1], logger=False)
-
-
-class AutoencoderStage(Stage):
-    """Greedy pretraining of one layer: reconstruct the (clean) input from a possibly corrupted
-    copy, with an optional sparsity penalty on the codes. `noise_level` (this layer's entry of
-    `noise.levels`) replaces `noise.level` when given."""
-
-    monitor = "val_recon_mse"
-    mode = "min"
-
-    def __init__(self, model: AutoEncoder, cfg, label: str, tag: str, background: float = -1.0,
-                 noise_level: float | None = None):
-        super().__init__(model, cfg, label, tag)
-        self.background = background
-        self.code_low = -1.0 if isinstance(model.activation, nn.Tanh) else 0.0
-        # Plain Python copies of the settings the loss reads at every step (a config lookup
-        # costs microseconds, as much as a small layer's forward pass).
-        self.noise_kind = Noise(cfg.noise.kind)
-        self.noise_level = cfg.noise.level if noise_level is None else noise_level
-        self.bce = cfg.loss == ReconLoss.bce
-        self.sparsity_kind = Sparsity(cfg.sparsity.kind)
-        self.sparsity_weight, self.sparsity_target = cfg.sparsity.weight, cfg.sparsity.target
-
-    def reconstruction_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = self.model.encode(x)
-        return codes, self.model.decode(codes)
-
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.reconstruction_logits(x)[1]
-        return torch.sigmoid(out) if self.bce else out
-
-    def loss(self, x: torch.Tensor, _y=None) -> torch.Tensor:
-        noisy = corrupt(x, self.noise_kind, self.noise_level, self.background)
-        codes, out = self.reconstruction_logits(noisy)
-        if self.bce:
-            loss = F.binary_cross_entropy_with_logits(out, x, reduction="sum") / len(x)
-        else:
-            loss = F.mse_loss(out, x)
-        if self.sparsity_kind == Sparsity.kl:
-            loss = loss + self.sparsity_weight * kl_sparsity(codes, self.sparsity_target,
-                                                             self.code_low)
-        elif self.sparsity_kind == Sparsity.l1:
-            loss = loss + self.sparsity_weight * codes.abs().mean()
-        return loss
-
-    @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, _y=None) -> list[torch.Tensor]:
-        """Sum of squared reconstruction errors and number of values."""
-        err = (self.reconstruct(x) - x).pow(2).sum()
-        return [err, torch.tensor(float(x.numel()), device=x.device)]
-
-
-class ClassifierStage(Stage):
-    """Cross-entropy training of `model` = Sequential(body, head); the body's learning rate is
-    scaled by `encoder_lr_scale` (the course notebook's idea to spare the pretrained features).
-    With `dropout` in its config (fine-tuning, scratch), the training loss drops inputs and hidden
-    units; the network itself has no dropout layer, so evaluation and saved weights are as
-    without."""
-
-    def __init__(self, model: nn.Sequential, cfg, label: str, tag: str):
-        super().__init__(model, cfg, label, tag)
-        dropout = cfg.get("dropout")
-        self.p_input = dropout.input if dropout else 0.0
-        self.p_hidden = dropout.hidden if dropout else 0.0
-
-    def param_groups(self) -> list[dict]:
-        body, head = self.model[0], self.model[1]
-        groups = [{"params": list(head.parameters())}]
-        body_params = [p for p in body.parameters() if p.requires_grad]
-        if body_params:
-            groups.append({"params": body_params, "lr_scale": self.cfg.get("encoder_lr_scale",
-                                                                          1.0)})
-        return groups
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The training forward pass: the network, with dropout on the input and after every
-        hidden activation when configured."""
-        if not (self.p_input or self.p_hidden):
-            return self.model(x)
-        x = F.dropout(x, self.p_input)
-        for layer in self.model[0]:
-            x = layer(x)
-            if not isinstance(layer, nn.Linear):  # an activation: a hidden layer's output
-                x = F.dropout(x, self.p_hidden)
-        return self.model[1](x)
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(x), y)
-
-    @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        """Number of correct predictions and of samples."""
-        correct = (self.model(x).argmax(1) == y).sum().float()
-        return [correct, torch.tensor(float(len(y)), device=x.device)]
+def group_keys(prefix: str, *without: str) -> tuple[str, ...]:
+    """Every key of a config group, from the schema, less `without`."""
+    return tuple(k.path for k in leaves() if k.path.startswith(f"{prefix}.")
+                 and k.path not in without)
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-epoch concerns
+# What stages hand each other
 
 
-class EpochRecord(pl.Callback):
-    """Each epoch: the stage's history entry, the epoch's scalars to every logger (under the
-    stage's tag, step = epoch) and one log line."""
+@dataclass
+class Experiment:
+    """What the stages of one run hand each other, in the order they run: the pretrained
+    autoencoders, the inputs the last one learned from, and every network trained so far. A
+    finished run read back (`data` None) holds the same networks."""
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, stage: Stage) -> None:
-        epoch = stage.current_epoch + 1
-        record = {"epoch": epoch, "train_loss": stage.epoch_loss()}
-        if stage.monitor in trainer.callback_metrics:
-            record[stage.monitor] = float(trainer.callback_metrics[stage.monitor])
-        stage.history.append(record)
-        scalars = {f"{stage.tag}/{k}": v for k, v in record.items() if k != "epoch"}
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=epoch)
-        if trainer.global_rank == 0:
-            stage.meter.epoch_done(stage.label, epoch, stage.cfg.epochs, record)
+    cfg: DictConfig
+    device: torch.device
+    data: Splits | None = None
+    autoencoders: list[AutoEncoder] = field(default_factory=list)
+    initial: list[dict] = field(default_factory=list)  # each encoder's initial weights
+    inputs: tuple[torch.Tensor, ...] = ()  # the train/val/test inputs of the last layer
+    networks: dict[str, nn.Module] = field(default_factory=dict)  # by stage name
+    head_init: dict | None = None  # the probe's head before training
 
+    @property
+    def n_classes(self) -> int:
+        return len(self.cfg.data.classes)
 
-class KeepBest(pl.Callback):
-    """Keep the weights of the best validation epoch in memory and load them when the fit ends
-    (model selection on validation only; without a validation split, the last epoch's)."""
-
-    def __init__(self):
-        self.best: float | None = None
-        self.state: dict | None = None
-
-    def on_validation_end(self, trainer: pl.Trainer, stage: Stage) -> None:
-        if trainer.sanity_checking or stage.monitor not in trainer.callback_metrics:
-            return
-        score = float(trainer.callback_metrics[stage.monitor])
-        if self.best is None or (score > self.best if stage.mode == "max" else score < self.best):
-            self.best = score
-            self.state = {k: v.detach().clone() for k, v in stage.model.state_dict().items()}
-
-    def on_fit_end(self, trainer: pl.Trainer, stage: Stage) -> None:
-        if self.state is not None:
-            stage.model.load_state_dict(self.state)
+    def labelled(self) -> tuple[torch.Tensor, ...]:
+        """The labelled training and validation images and labels: x, y, val x, val y."""
+        return (*self.data.labelled("train"), *self.data.labelled("val"))
 
 
-class EvalBatches:
-    """Validation data for Lightning: a split in a few large chunks (one iterable, not a list,
-    which Lightning would read as several dataloaders)."""
+class UndeclaredKey(AttributeError):
+    """A stage read a config key it does not declare (and so does not fingerprint)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        # An empty split (no validation set) must give no chunks, not one empty chunk.
-        pairs = zip(x.split(CHUNK), y.split(CHUNK), strict=True)
-        self.chunks = list(pairs) if len(x) else []
 
-    def __len__(self) -> int:
-        return len(self.chunks)
+class View:
+    """The config keys a stage declares, resolved and read like the config (`view.pretrain.lr`,
+    `view.model.sizes[1]`, enums as enums); any other key is an UndeclaredKey."""
 
-    def __iter__(self):
-        return iter(self.chunks)
+    def __init__(self, stage: str, values: dict[str, Any], prefix: str = ""):
+        self._stage, self._values, self._prefix = stage, values, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        path = self._prefix + name
+        if path in self._values:
+            value = self._values[path]
+            enum = CHOICES.get(path)
+            return enum(value) if enum is not None and value is not None else value
+        if any(k.startswith(f"{path}.") for k in self._values):
+            return View(self._stage, self._values, f"{path}.")
+        raise UndeclaredKey(f"stage {self._stage} reads {path}, a key it does not declare")
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getattr__(str(index))
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self.__getattr__(name)
+        except UndeclaredKey:
+            return default
+
+
+CHOICES = {k.path: k.choices for k in leaves() if k.choices is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages
+
+
+class Stage:
+    """One trained stage. `name`: its checkpoint's stem and its metrics.json key; `group`: the
+    config group of its optimisation settings; `keys`: every config key it reads; `consumes`: the
+    stages whose results it starts from; `labelled`: whether it sees labels; `classifies`: whether
+    it is a classifier, with test and validation accuracy."""
+
+    name: str
+    label: str
+    group: str
+    keys: tuple[str, ...]
+    consumes: tuple[str, ...] = ()
+    labelled: bool = True
+    classifies: bool = True
+    trains_encoders: bool = False  # its network's body is a stack of encoders it trains
+    about: str = ""  # what it is, in a few words (the report's table)
+
+    def inputs(self, ex: Experiment, s: View) -> tuple[torch.Tensor | None, ...]:
+        """What it trains and selects on: x, y, val x, val y (y None without labels)."""
+        return ex.labelled()
+
+    def model(self, ex: Experiment, s: View) -> nn.Module:
+        """Its network, freshly built (initial weights drawn from the random stream)."""
+        raise NotImplementedError
+
+    def module(self, ex: Experiment, model: nn.Module, s: View) -> StageModule:
+        """The Lightning module that trains `model`."""
+        return ClassifierModule(model, s[self.group], self.label, self.group)
+
+    def before_fit(self, ex: Experiment, s: View) -> None:
+        """Called right before it is trained or loaded."""
+
+    def keep(self, ex: Experiment, model: nn.Module, s: View) -> None:
+        """Hand the trained network on to the stages after it."""
+        ex.networks[self.name] = model
+
+    def metrics(self, ex: Experiment, module: StageModule, s: View) -> dict:
+        """Its entry in metrics.json (the pipeline adds its time, history and origin)."""
+        return classifier_metrics(ex.networks[self.name], ex.data)
+
+    def weights(self, ex: Experiment, s: View) -> int:
+        """Weights of the network it trains: its work per sample, for time estimates."""
+        raise NotImplementedError
+
+    def n_samples(self, ex: Experiment) -> int:
+        """Training samples in one pass."""
+        return len(ex.data.labelled("train")[1]) if self.labelled else len(ex.data.train_y)
+
+    def rebuild(self, ex: Experiment, s: View, state: dict) -> None:
+        """A finished run read back: its trained network from its checkpoint, handed on."""
+        model = self.model(ex, s)
+        model.load_state_dict(state)
+        self.keep(ex, model.to(ex.device).eval(), s)
+
+
+def deep_network(ex: Experiment, autoencoders: list[AutoEncoder]) -> nn.Sequential:
+    """The stacked encoders of `autoencoders` topped by a linear head."""
+    return classifier(stack_encoders(autoencoders), autoencoders[-1].encoder.out_features,
+                      ex.n_classes)
+
+
+def deep_weights(ex: Experiment) -> int:
+    """Weights of the deep classifier: every encoder and the head."""
+    sizes = list(ex.cfg.model.sizes)
+    return sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True)) + sizes[-1] * \
+        ex.n_classes
+
+
+class Baseline(Stage):
+    name = label = group = "baseline"
+    about = "softmax regression on pixels"
+    keys = DATA + LABELS + group_keys("baseline") + NUMERICS
+
+    def model(self, ex: Experiment, s: View) -> nn.Module:
+        return classifier(nn.Identity(), 28 * 28, ex.n_classes)
+
+    def weights(self, ex: Experiment, s: View) -> int:
+        return 28 * 28 * ex.n_classes
+
+
+class PretrainLayer(Stage):
+    """Greedy pretraining of hidden layer k, without labels, on the codes of the layer below."""
+
+    group = "pretrain"
+    labelled = classifies = False
+
+    def __init__(self, k: int):
+        self.k = k
+        self.name, self.label = f"pretrain_layer{k}", f"pretrain layer {k}"
+        # Its own sizes and noise level, and (from layer 2) the codes of the layer below, which
+        # are `pretrain.codes`: nothing of the layers above it.
+        own = (f"model.sizes.{k - 1}", f"model.sizes.{k}", "model.activation", "model.tied",
+               f"pretrain.noise.levels.{k - 1}")
+        keys = group_keys("pretrain", "pretrain.noise.levels", *(("pretrain.codes",) if k == 1 else ()))
+        self.keys = DATA + own + keys + NUMERICS
+        self.consumes = (f"pretrain_layer{k - 1}",) if k > 1 else ()
+
+    def inputs(self, ex: Experiment, s: View) -> tuple[torch.Tensor | None, ...]:
+        if self.k == 1:
+            ex.inputs = (ex.data.train_x, ex.data.val_x, ex.data.test_x)
+        else:  # the codes of the layer below, as this layer is to learn them
+            below = ex.autoencoders[-1]
+            code = below.encode if s.pretrain.codes == Codes.activation else below.encoder
+            ex.inputs = tuple(in_chunks(code, x) for x in ex.inputs)
+        return ex.inputs[0], None, ex.inputs[1], ex.inputs[1]
+
+    def model(self, ex: Experiment, s: View) -> nn.Module:
+        ae = AutoEncoder(s.model.sizes[self.k - 1], s.model.sizes[self.k], s.model.activation,
+                         s.model.tied)
+        ex.initial.append(copy.deepcopy(ae.encoder.state_dict()))  # where scratch starts
+        return ae
+
+    def module(self, ex: Experiment, model: nn.Module, s: View) -> StageModule:
+        # Masking sets inputs to the background: black pixels for layer 1, zero codes above.
+        background = ex.data.background if self.k == 1 else 0.0
+        return AutoencoderModule(model, s.pretrain, self.label, f"pretrain/layer{self.k}",
+                                 background=background,
+                                 noise_level=s.pretrain.noise.levels[self.k - 1])
+
+    def keep(self, ex: Experiment, model: nn.Module, s: View) -> None:
+        ex.autoencoders.append(model.eval())
+
+    def metrics(self, ex: Experiment, module: StageModule, s: View) -> dict:
+        """Sizes, noise level, and the reconstruction MSE per value on each split's inputs."""
+        ae = module.model
+        out = {"in": ae.encoder.in_features, "out": ae.encoder.out_features,
+               "noise_level": module.noise_level}
+        for split, x in zip(("train", "val", "test"), ex.inputs, strict=True):
+            if len(x):
+                errors, counts = zip(*(module.evaluate(part) for part in x.split(CHUNK)),
+                                     strict=True)
+                out[f"{split}_recon_mse"] = sum(map(float, errors)) / sum(map(float, counts))
+        return out
+
+    def weights(self, ex: Experiment, s: View) -> int:
+        return 2 * s.model.sizes[self.k - 1] * s.model.sizes[self.k]  # encoder and decoder
+
+
+class Probe(Stage):
+    """A linear head on the frozen pretrained stack's top codes: the pretrained features' worth,
+    and fine-tuning's starting head."""
+
+    name = label = group = "probe"
+    about = "linear head on the frozen pretrained stack"
+    keys = DATA + LABELS + group_keys("probe") + NUMERICS
+
+    def __init__(self, n_layers: int):
+        self.consumes = tuple(f"pretrain_layer{k}" for k in range(1, n_layers + 1))
+
+    def inputs(self, ex: Experiment, s: View) -> tuple[torch.Tensor | None, ...]:
+        # One stack per split, as saelab 0.1 built them: building a stack draws initial weights,
+        # which come before the head's, so published numbers reproduce.
+        x, y, vx, vy = ex.labelled()
+        top = [in_chunks(stack_encoders(ex.autoencoders).to(ex.device), images)
+               for images in (x, vx)]
+        return top[0], y, top[1], vy
+
+    def model(self, ex: Experiment, s: View) -> nn.Module:
+        head = classifier(nn.Identity(), ex.autoencoders[-1].encoder.out_features, ex.n_classes)
+        ex.head_init = copy.deepcopy(head[1].state_dict())
+        return head
+
+    def keep(self, ex: Experiment, model: nn.Module, s: View) -> None:
+        """The network it stands for: the frozen stack topped by the trained head."""
+        probe = deep_network(ex, ex.autoencoders).to(ex.device)
+        probe[1].load_state_dict(model[1].state_dict())
+        ex.networks[self.name] = probe
+
+    def weights(self, ex: Experiment, s: View) -> int:
+        return ex.cfg.model.sizes[-1] * ex.n_classes
+
+
+class Finetune(Stage):
+    """The pretrained stack and the probe's head, trained end to end."""
+
+    name = label = group = "finetune"
+    about = "whole stack and head, end to end"
+    keys = DATA + LABELS + group_keys("finetune") + NUMERICS
+    consumes = ("probe",)
+    trains_encoders = True
+
+    def model(self, ex: Experiment, s: View) -> nn.Module:
+        return copy.deepcopy(ex.networks["probe"])
+
+    def module(self, ex: Experiment, model: nn.Module, s: View) -> StageModule:
+        return ClassifierModule(model, s.finetune, self.label, self.group,
+                                encoder_lr_scale=s.finetune.encoder_lr_scale,
+                                dropout=s.finetune.dropout)
+
+    def weights(self, ex: Experiment, s: View) -> int:
+        return deep_weights(ex)
+
+    def rebuild(self, ex: Experiment, s: View, state: dict) -> None:
+        model = deep_network(ex, ex.autoencoders)
+        model.load_state_dict(state)
+        self.keep(ex, model.to(ex.device).eval(), s)
+
+
+class Scratch(Finetune):
+    """The fine-tuned network's architecture from the very weights pretraining started from (the
+    encoders) and the probe's initial head, trained end to end like fine-tuning: the control."""
+
+    name = label = group = "scratch"
+    about = "the same network from random weights, end to end"
+    keys = DATA + LABELS + group_keys("scratch") + ("model.sizes", "model.activation") + NUMERICS
+
+    def __init__(self, n_layers: int):
+        # It starts from the encoders' and the probe head's initial weights, which the random
+        # stream of pretraining determines: it consumes the pretrained layers.
+        self.consumes = tuple(f"pretrain_layer{k}" for k in range(1, n_layers + 1))
+
+    def model(self, ex: Experiment, s: View) -> nn.Module:
+        sizes = list(s.model.sizes)
+        fresh = [AutoEncoder(a, b, s.model.activation) for a, b in zip(sizes[:-1], sizes[1:],
+                                                                        strict=True)]
+        for ae, state in zip(fresh, ex.initial, strict=True):
+            ae.encoder.load_state_dict(state)
+        net = deep_network(ex, fresh)
+        if ex.head_init is not None:
+            net[1].load_state_dict(ex.head_init)
+        return net
+
+    def module(self, ex: Experiment, model: nn.Module, s: View) -> StageModule:
+        return ClassifierModule(model, s.scratch, self.label, self.group,
+                                dropout=s.scratch.dropout)
+
+    def before_fit(self, ex: Experiment, s: View) -> None:
+        torch.manual_seed(s.seed * 100_003 + SCRATCH_SEED)
+
+
+def plan(cfg: DictConfig) -> list[Stage]:
+    """The stages of `cfg`, in the order they run: a linear classifier on the pixels, one
+    autoencoder per hidden layer, a probe on the frozen stack, the stack fine-tuned, and the same
+    network trained from random weights."""
+    n = len(cfg.model.sizes) - 1
+    return [Baseline(), *(PretrainLayer(k) for k in range(1, n + 1)), Probe(n), Finetune(),
+            *([Scratch(n)] if cfg.scratch.epochs > 0 else [])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def plain(value: Any) -> Any:
+    """A config value as plain JSON data (enums as their names)."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True, enum_to_str=True)
+    return value.value if isinstance(value, Enum) else value
+
+
+def key_value(cfg: DictConfig, key: str) -> Any:
+    """The resolved value of a stage key; a list element of a null list is null."""
+    parent, _, last = key.rpartition(".")
+    if last.isdigit():
+        items = OmegaConf.select(cfg, parent)
+        return None if items is None else plain(items[int(last)])
+    return plain(OmegaConf.select(cfg, key, throw_on_missing=True))
+
+
+def fingerprint(stage: str, inputs: dict, data: dict, consumes: dict) -> str:
+    blob = json.dumps({"format": FORMAT, "stage": stage, "inputs": inputs, "data": data,
+                       "consumes": consumes}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+@dataclass
+class Expected:
+    """What a stage's checkpoint must record to stand for it in this config, and the view of the
+    config the stage reads."""
+
+    stage: Stage
+    inputs: dict[str, Any]
+    data: dict[str, str]
+    consumes: dict[str, str]
+    fingerprint: str
+
+    @property
+    def settings(self) -> View:
+        return View(self.stage.name, self.inputs)
+
+
+def expected(cfg: DictConfig, data: dict[str, str]) -> dict[str, Expected]:
+    """Each stage's fingerprint under `cfg`, with data files of checksums `data`, in order."""
+    out: dict[str, Expected] = {}
+    for stage in plan(cfg):
+        inputs = {key: key_value(cfg, key) for key in stage.keys}
+        consumes = {c: out[c].fingerprint for c in stage.consumes}
+        out[stage.name] = Expected(stage, inputs, data, consumes,
+                                   fingerprint(stage.name, inputs, data, consumes))
+    return out

@@ -23,15 +23,31 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from saelab.runfolder import CLASSIFIERS, OVERRIDES
+from saelab.runfolder import METRICS, OVERRIDES
 from saelab.stats import mean_interval, mean_std
 
-# Classifier stages in the order of the table's columns: fine-tuned first (its validation
-# accuracy is the sort key), then the others, latest first.
-ORDER = ("finetune", *(s for s in reversed(CLASSIFIERS) if s != "finetune"))
-COLUMNS = [*(f"{s}_{k}" for s in ORDER for k in ("val_acc", "test_acc")), "total_s"]
 SEED = "seed"
 LABELS = "data.labels_per_class"
+SORT_STAGE = "finetune"  # the stage whose validation accuracy ranks the jobs (a search's objective)
+
+
+def classifier_stages(metrics: dict) -> list[str]:
+    """The classifier stages a job's metrics.json holds (sections with a test accuracy), in the
+    order the job ran them."""
+    return [name for name, section in metrics.items()
+            if isinstance(section, dict) and "test_acc" in section]
+
+
+def column_order(rows: list[JobRow]) -> list[str]:
+    """Every classifier stage of the sweep, for the columns: the ranking stage first, then the
+    others, latest first."""
+    names = list(dict.fromkeys(n for row in rows for n in row.stages))
+    return [*(n for n in names if n == SORT_STAGE), *(n for n in reversed(names)
+                                                       if n != SORT_STAGE)]
+
+
+def columns(order: list[str]) -> list[str]:
+    return [*(f"{s}_{k}" for s in order for k in ("val_acc", "test_acc")), "total_s"]
 
 
 @dataclass
@@ -43,12 +59,13 @@ class JobRow:
     metrics: dict[str, float]
     error: str | None
     labelled_per_class: float | None = None  # labelled training images per class it used
+    stages: tuple[str, ...] = ()  # its classifier stages, in the order they ran
 
     @property
     def sort_key(self) -> tuple:
         """Finished jobs by decreasing validation accuracy, then those without one, then failed
         jobs; ties in job order."""
-        val = self.metrics.get("finetune_val_acc")
+        val = self.metrics.get(f"{SORT_STAGE}_val_acc")
         num = int(self.job) if self.job.isdigit() else math.inf
         return (self.error is not None, val is None, -(val or 0.0), num, self.job)
 
@@ -58,23 +75,24 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobRow:
     listed = OmegaConf.load(job_dir / OVERRIDES) or []
     overrides = dict(item.split("=", 1) if "=" in item else (item, "") for item in listed)
     name = str(job_dir.relative_to(sweep_dir))
-    path = job_dir / "metrics.json"
+    path = job_dir / METRICS
     if not path.exists():
         return JobRow(name, overrides, {}, "no metrics.json: the job died before its first stage")
     saved: dict[str, Any] = json.loads(path.read_text())
-    metrics = {f"{stage}_{key}": float(saved[stage][key]) for stage in ORDER
-               for key in ("val_acc", "test_acc") if key in saved.get(stage, {})}
+    stages = classifier_stages(saved)
+    metrics = {f"{stage}_{key}": float(saved[stage][key]) for stage in stages
+               for key in ("val_acc", "test_acc") if key in saved[stage]}
     if "total_s" in saved.get("timings", {}):
         metrics["total_s"] = float(saved["timings"]["total_s"])
     error = saved.get("error")
     if error is None and "interrupted" in saved:
         error = f"interrupted by signal {saved['interrupted']}"
-    if error is None and "finetune" not in saved:
+    if error is None and SORT_STAGE not in saved:
         error = "incomplete: no fine-tuning results (interrupted?)"
     data = saved.get("data", {})
     per_class = data["n_labelled_train"] / len(data["classes"]) if "n_labelled_train" in data \
         else None
-    return JobRow(name, overrides, metrics, error, per_class)
+    return JobRow(name, overrides, metrics, error, per_class, tuple(stages))
 
 
 def collect(sweep_dir: Path) -> list[JobRow]:
@@ -138,9 +156,9 @@ def _interval(values: list[float]) -> str:
     return f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
 
 
-def seed_table(sweep_groups: list[Group], varying: list[str]) -> list[str]:
+def seed_table(sweep_groups: list[Group], varying: list[str], order: list[str]) -> list[str]:
     """summary.md's statistics over seeds (in percentage points)."""
-    tests = [f"{s}_test_acc" for s in ORDER]
+    tests = [f"{s}_test_acc" for s in order]
     header = [*varying, "n", "failed", *tests, "finetune - scratch (95% CI)"]
     lines = ["## Statistics over seeds", "",
              "Test accuracy in %, mean ± standard deviation (ddof 1) over the seeds that "
@@ -155,8 +173,9 @@ def seed_table(sweep_groups: list[Group], varying: list[str]) -> list[str]:
     return lines
 
 
-def write_groups_csv(path: Path, sweep_groups: list[Group], keys: list[str]) -> None:
-    tests = [f"{s}_test_acc" for s in ORDER]
+def write_groups_csv(path: Path, sweep_groups: list[Group], keys: list[str],
+                     order: list[str]) -> None:
+    tests = [f"{s}_test_acc" for s in order]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([*keys, "n", "failed", *(f"{c}_{m}" for c in tests for m in
@@ -189,7 +208,8 @@ def numeric_key(rows: list[JobRow], varying: list[str]) -> str | None:
     return LABELS if LABELS in candidates else (candidates[0] if candidates else None)
 
 
-def plot(path: Path, sweep_groups: list[Group], key: str, others: list[str]) -> None:
+def plot(path: Path, sweep_groups: list[Group], key: str, others: list[str],
+         order: list[str]) -> None:
     """Test accuracy of every stage against `key`, mean ± std over seeds; one line per stage and
     per value of the other varying keys; labels per class on a log scale, "all" at the full
     count."""
@@ -210,7 +230,7 @@ def plot(path: Path, sweep_groups: list[Group], key: str, others: list[str]) -> 
         else:
             x = float(value)
         rest = tuple(f"{k}={g.overrides.get(k, '')}" for k in others)
-        for stage in ORDER:
+        for stage in order:
             values = g.values(f"{stage}_test_acc")
             if values:
                 mean, sd = mean_std(values)
@@ -244,6 +264,8 @@ def write_summary(sweep_dir: Path) -> list[Path]:
     that vary, percentages, statistics over seeds), `summary_seeds.csv` and, when a number is
     swept, `summary.png` into `sweep_dir`; return the paths written."""
     rows = collect(sweep_dir)
+    order = column_order(rows)
+    cols = columns(order)
     keys = list(dict.fromkeys(k for row in rows for k in row.overrides))
     varying = [k for k in keys if len({row.overrides.get(k) for row in rows}) > 1] or keys
     common = [f"`{k}={rows[0].overrides[k]}`" for k in keys if k not in varying]
@@ -251,10 +273,10 @@ def write_summary(sweep_dir: Path) -> list[Path]:
     csv_path = sweep_dir / "summary.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["job", *keys, *COLUMNS, "error"])
+        writer.writerow(["job", *keys, *cols, "error"])
         for row in rows:
             writer.writerow([row.job, *(row.overrides.get(k, "") for k in keys),
-                             *(row.metrics.get(c, "") for c in COLUMNS), row.error or ""])
+                             *(row.metrics.get(c, "") for c in cols), row.error or ""])
     written = [csv_path]
 
     failed = sum(row.error is not None for row in rows)
@@ -262,23 +284,23 @@ def write_summary(sweep_dir: Path) -> list[Path]:
              f"{len(rows)} jobs ({failed} failed), sorted by fine-tuned validation accuracy.", ""]
     if common:
         lines += [f"Common overrides: {', '.join(common)}.", ""]
-    header = ["job", *varying, *COLUMNS, *(["error"] if failed else [])]
+    header = ["job", *varying, *cols, *(["error"] if failed else [])]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row.job, *(row.overrides.get(k, "") for k in varying),
-                 *(_format(c, row.metrics.get(c)) for c in COLUMNS)]
+                 *(_format(c, row.metrics.get(c)) for c in cols)]
         cells += [row.error or ""] if failed else []
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     sweep_groups, others = groups(rows), [k for k in varying if k != SEED]
     if SEED in varying:
-        lines += ["", *seed_table(sweep_groups, others)]
+        lines += ["", *seed_table(sweep_groups, others, order)]
         seeds_path = sweep_dir / "summary_seeds.csv"
-        write_groups_csv(seeds_path, sweep_groups, others)
+        write_groups_csv(seeds_path, sweep_groups, others, order)
         written.append(seeds_path)
     key = numeric_key(rows, others)
     if key is not None:
         png = sweep_dir / "summary.png"
-        plot(png, sweep_groups, key, [k for k in others if k != key])
+        plot(png, sweep_groups, key, [k for k in others if k != key], order)
         lines += ["", f"![test accuracy against {key}](summary.png)"]
         written.append(png)
     md_path = sweep_dir / "summary.md"

@@ -23,7 +23,7 @@ import numpy as np
 
 from saelab.data import IMAGES_MAGIC, check_idx, read_idx
 from saelab.errors import ConfigError
-from saelab.loader import STACKS, Run, load_run
+from saelab.loader import PRETRAINED, Run, load_run
 
 SPLITS = ("train", "val", "test")
 
@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
     parser.add_argument("--layer", type=int, default=None,
                         help="hidden layer whose codes to write (1 = first; default: the top)")
-    parser.add_argument("--stack", default="pretrained", choices=STACKS,
-                        help="the encoders computing the codes (default: pretrained)")
+    parser.add_argument("--stack", default=PRETRAINED,
+                        help="the encoders computing the codes: pretrain (default), finetune, "
+                             "scratch")
     parser.add_argument("--splits", default=",".join(SPLITS),
                         help="the run's splits to encode, comma-separated (default: all)")
     parser.add_argument("--images", type=Path, default=None,
