@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saelab.data import IMAGES_MAGIC, check_idx, read_idx
+from saelab.datafiles import IMAGES_MAGIC, check_idx, read_idx
 from saelab.errors import ConfigError
 from saelab.loader import PRETRAINED, Run, load_run
 

@@ -211,7 +211,8 @@ class PretrainLayer(Stage):
         # are `pretrain.codes`: nothing of the layers above it.
         own = (f"model.sizes.{k - 1}", f"model.sizes.{k}", "model.activation", "model.tied",
                f"pretrain.noise.levels.{k - 1}")
-        keys = group_keys("pretrain", "pretrain.noise.levels", *(("pretrain.codes",) if k == 1 else ()))
+        keys = group_keys("pretrain", "pretrain.noise.levels",
+                          *(("pretrain.codes",) if k == 1 else ()))
         self.keys = DATA + own + keys + NUMERICS
         self.consumes = (f"pretrain_layer{k - 1}",) if k > 1 else ()
 
