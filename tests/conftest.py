@@ -20,16 +20,16 @@ os.environ["SAELAB_MIRROR"] = str(Path(os.environ.get("SAELAB_MIRROR",
                                                       REPO.parent / "shared" / "data")).resolve())
 os.environ.setdefault("SAELAB_CACHE", tempfile.mkdtemp(prefix="saelab-cache-"))
 
-# A real but small run: a few thousand MNIST images, one to three epochs per stage, on the CPU.
-TINY = [
-    "data.train_limit=3000", "data.val_size=500", "data.test_limit=1000", "data.batch_size=32",
-    "baseline.epochs=2", "pretrain.epochs=3", "probe.epochs=3", "finetune.epochs=2",
-    "trainer.accelerator=cpu",
-]
-# Smaller still, for runs that only check the run folder's behaviour: one hidden layer pair.
-QUICK = ["data.train_limit=600", "data.val_size=200", "data.test_limit=300",
-         "model.sizes=[784,32,9]", "trainer.accelerator=cpu", "visualize.enabled=false",
-         *(f"{stage}.epochs=1" for stage in ("baseline", "pretrain", "probe", "finetune"))]
+# The debug presets users run too (conf/debug): a real but small run (a few thousand MNIST images,
+# one to three epochs per stage, on the CPU), and smaller still for runs that only check what a
+# run does (one hidden layer pair, one epoch per stage, no figures).
+TINY = ["debug=tiny"]
+QUICK = ["debug=quick"]
+
+
+def layers(metrics: dict) -> list[dict]:
+    """The pretrained layers' sections of a run's metrics.json, bottom first."""
+    return [section for name, section in metrics.items() if name.startswith("pretrain_layer")]
 
 
 def compose_cfg(*overrides: str):

@@ -17,11 +17,11 @@ import torch
 from conftest import QUICK, REPO, folder_state, run_cli
 
 import saelab
+from saelab.app import execute
 from saelab.autoencoder import stack_encoders
 from saelab.data import load_raw, scale_pixels
-from saelab.encode import main as encode_main
-from saelab.evaluation import encode
-from saelab.pipeline import run_experiment
+from saelab.evaluation import in_chunks
+from saelab.export import main as encode_main
 
 TIMINGS = ("seconds", "timings", "versions", "git_commit", "device", "origin", "source")
 
@@ -30,14 +30,14 @@ TIMINGS = ("seconds", "timings", "versions", "git_commit", "device", "origin", "
 def quick(tmp_path_factory):
     """An in-process run (the pipeline's own Run, with its data) and its folder."""
     run_dir = tmp_path_factory.mktemp("quick") / "run"
-    return run_experiment(saelab.compose(QUICK), run_dir)
+    return execute(saelab.compose(QUICK), run_dir)
 
 
 def test_load_run_codes_and_predictions_equal_the_pipelines_exactly(quick):
     run = saelab.load_run(quick.dir)
     data = quick.data
     for k in range(1, len(quick.autoencoders) + 1):
-        codes = encode(stack_encoders(quick.autoencoders[:k]), data.test_x)  # as the pipeline
+        codes = in_chunks(stack_encoders(quick.autoencoders[:k]), data.test_x)  # as the pipeline
         assert torch.equal(run.encode(data.test_x, layer=k, scaled=True), codes)
     # raw 0-255 images give the same codes: the run's pixel transform, in the pipeline's chunks
     raw = load_raw("mnist", quick.cfg.data.root, quick.cfg.data.mirror, False)
@@ -48,7 +48,7 @@ def test_load_run_codes_and_predictions_equal_the_pipelines_exactly(quick):
     accuracy = float((predicted == data.test_y).float().mean())
     assert accuracy == quick.metrics["finetune"]["test_acc"]
     assert torch.equal(run.predict(data.test_x, "scratch", scaled=True),
-                       quick.scratch(data.test_x).argmax(1))
+                       quick.networks["scratch"](data.test_x).argmax(1))
     assert run.predict_proba(first.numpy()).sum(1).allclose(torch.ones(500))
 
 
@@ -66,12 +66,12 @@ def test_saelab_encode_writes_codes_probabilities_and_labels_and_changes_nothing
                                                                                tmp_path):
     before = folder_state(quick.dir)
     out = tmp_path / "codes.npz"
-    encode_main([str(quick.dir), "--layer", "1", "--stack", "finetuned", "--out", str(out)])
+    encode_main([str(quick.dir), "--layer", "1", "--stack", "finetune", "--out", str(out)])
     npz = np.load(out)
     data = quick.data
     for split in ("train", "val", "test"):
         x, y = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
-        expected = encode(quick.finetuned[0][:2], x).numpy()
+        expected = in_chunks(quick.networks["finetune"][0][:2], x).numpy()
         assert np.array_equal(npz[f"codes_{split}"], expected)
         assert np.array_equal(npz[f"labels_{split}"], y.numpy())
     assert (npz["pred_test"] == npz["labels_test"]).mean() == pytest.approx(

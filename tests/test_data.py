@@ -12,13 +12,8 @@ import pytest
 import torch
 from conftest import compose_cfg
 
-from saelab.data import (
-    Minibatches,
-    load_raw,
-    load_splits,
-    md5_of,
-    stratified_indices,
-)
+from saelab.data import Minibatches, load_raw, load_splits, stratified_indices
+from saelab.datafiles import md5_of
 from saelab.datasets import MD5
 from saelab.errors import ConfigError
 
@@ -128,9 +123,10 @@ def test_poisoned_cache_without_mirror_is_an_error_naming_the_cache_file(poisone
 
 
 def _count_hashing(monkeypatch) -> list[int]:
-    """Count the calls of the data module's md5 helper (how many files it hashes)."""
+    """Count the calls of the data files' md5 helper (how many files it hashes)."""
     calls = []
-    monkeypatch.setattr("saelab.data.md5_of", lambda data: calls.append(len(data)) or md5_of(data))
+    monkeypatch.setattr("saelab.datafiles.md5_of",
+                        lambda data: calls.append(len(data)) or md5_of(data))
     return calls
 
 

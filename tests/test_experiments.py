@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, REPO, run_cli
+from conftest import QUICK, REPO, layers, run_cli
 from omegaconf import OmegaConf
 
 from saelab.autoencoder import AutoEncoder, classifier, stack_encoders
 from saelab.config import compose, compose_raw
-from saelab.stages import AutoencoderStage, ClassifierStage
+from saelab.modules import AutoencoderModule, ClassifierModule
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 SMALL = QUICK  # a sweep job of a few seconds: one hidden layer pair, one epoch per stage
@@ -44,10 +44,10 @@ def test_every_experiment_preset_instantiates_its_networks_and_optimisers(name):
     aes = [AutoEncoder(a, b, cfg.model.activation, cfg.model.tied)
            for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
     for ae in aes:
-        AutoencoderStage(ae, cfg.pretrain, "pretrain", "pretrain").configure_optimizers()
+        AutoencoderModule(ae, cfg.pretrain, "pretrain", "pretrain").configure_optimizers()
     net = classifier(stack_encoders(aes), sizes[-1], k)
     for stage in ("baseline", "probe", "finetune", "scratch"):
-        ClassifierStage(net, cfg[stage], stage, stage).configure_optimizers()
+        ClassifierModule(net, cfg[stage], stage, stage).configure_optimizers()
     assert net(torch.zeros(2, 784)).shape == (2, k)
 
 
@@ -219,8 +219,8 @@ def test_same_config_and_seed_give_identical_metrics(sweep_2x1, tmp_path):
     for stage in ("baseline", "probe", "finetune", "scratch"):
         for key in ("test_acc", "val_acc", "confusion_matrix"):
             assert first[stage][key] == again[stage][key], (stage, key)
-    assert [p["val_recon_mse"] for p in first["pretrain"]] == [
-        p["val_recon_mse"] for p in again["pretrain"]]
+    assert [p["val_recon_mse"] for p in layers(first)] == [
+        p["val_recon_mse"] for p in layers(again)]
     assert first["version"] and "git_commit" in first
     saved = (tmp_path / "again" / ".hydra" / "overrides.yaml").read_text()
     assert saved.count("\n") == len(overrides) and "pretrain.lr=1e-3" in saved

@@ -16,13 +16,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from saelab import fastpath
+from saelab.app import execute
 from saelab.autoencoder import AutoEncoder, classifier
 from saelab.config import compose
 from saelab.data import Minibatches, load_splits
 from saelab.errors import ConfigError
 from saelab.fastpath import FastPath, StepLoop
-from saelab.pipeline import run_experiment
-from saelab.stages import ClassifierStage, make_optimizer
+from saelab.modules import ClassifierModule, make_optimizer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -77,7 +77,7 @@ def test_stage_under_lightning_with_fast_path_on_cpu_matches_plain_loop(data):
     torch.manual_seed(0)
     model = classifier(nn.Identity(), 784, 10)
     ref = copy.deepcopy(model)
-    stage = ClassifierStage(model, cfg, "baseline", "baseline")
+    stage = ClassifierModule(model, cfg, "baseline", "baseline")
     trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, limit_val_batches=0,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0,
@@ -174,12 +174,12 @@ def test_pipeline_on_the_gpu_fast_path_matches_eager_gpu_run(tmp_path, monkeypat
     monkeypatch.setattr(fastpath.GraphedStep, "replay",
                         lambda self, idx: (replays.append(1), replay(self, idx)))
     common = [*TINY, "trainer=gpu", "trainer.accelerator=gpu"]
-    fast = run_experiment(compose_cfg(*common), tmp_path / "fast").metrics
+    fast = execute(compose_cfg(*common), tmp_path / "fast").metrics
     assert torch.get_float32_matmul_precision() == "highest"  # restored after each stage
     # 3,000 samples in minibatches of 32: 93 full-size steps replayed, one of 24 run eagerly
     epochs = 2 + 4 * 3 + 3 + 2
     assert len(replays) == epochs * (3000 // 32)
-    eager = run_experiment(compose_cfg(*common, "fastpath.cuda_graphs=false"),
+    eager = execute(compose_cfg(*common, "fastpath.cuda_graphs=false"),
                            tmp_path / "eager").metrics
     for stage in ("baseline", "finetune"):
         fast_losses = [h["train_loss"] for h in fast[stage]["history"]]

@@ -8,21 +8,21 @@ import json
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import QUICK, TINY, compose_cfg, run_cli
+from conftest import QUICK, TINY, compose_cfg, layers, run_cli
 
+from saelab.app import execute
 from saelab.autoencoder import AutoEncoder, stack_encoders
 from saelab.config import compose
 from saelab.data import Minibatches, load_splits
-from saelab.pipeline import run_experiment
-from saelab.runfolder import expected
-from saelab.stages import AutoencoderStage, ClassifierStage, EvalBatches
+from saelab.modules import AutoencoderModule, ClassifierModule, EvalBatches
+from saelab.stages import expected
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """An in-process quick run, for tests that look at the trained networks; scratch with a
     vanishing learning rate ends where it started."""
-    return run_experiment(compose([*QUICK, "scratch.lr=1e-12"]), tmp_path_factory.mktemp("run"))
+    return execute(compose([*QUICK, "scratch.lr=1e-12"]), tmp_path_factory.mktemp("run"))
 
 
 def test_stack_equals_sequential_encoders_and_probe_keeps_them(tiny):
@@ -31,15 +31,15 @@ def test_stack_equals_sequential_encoders_and_probe_keeps_them(tiny):
     for ae in tiny.autoencoders:
         h = ae.encode(h)
     assert torch.allclose(stack_encoders(tiny.autoencoders)(x), h, atol=1e-6)
-    assert torch.allclose(tiny.probe[0](x), h, atol=1e-6)
-    probe_linears = [m for m in tiny.probe[0] if isinstance(m, torch.nn.Linear)]
-    tuned_linears = [m for m in tiny.finetuned[0] if isinstance(m, torch.nn.Linear)]
+    assert torch.allclose(tiny.networks["probe"][0](x), h, atol=1e-6)
+    probe_linears = [m for m in tiny.networks["probe"][0] if isinstance(m, torch.nn.Linear)]
+    tuned_linears = [m for m in tiny.networks["finetune"][0] if isinstance(m, torch.nn.Linear)]
     for ae, probed, tuned in zip(tiny.autoencoders, probe_linears, tuned_linears, strict=True):
         assert torch.equal(probed.weight, ae.encoder.weight)  # bit-identical after the probe
         assert torch.equal(probed.bias, ae.encoder.bias)
         assert not torch.equal(tuned.weight, ae.encoder.weight)  # fine-tuning moved them
     # the fine-tuned model starts from the probe's head, then trains it
-    assert not torch.equal(tiny.finetuned[1].weight, tiny.probe[1].weight)
+    assert not torch.equal(tiny.networks["finetune"][1].weight, tiny.networks["probe"][1].weight)
 
 
 def test_scratch_starts_from_the_encoders_initial_weights_and_never_sees_pretrained_ones(tiny):
@@ -50,7 +50,7 @@ def test_scratch_starts_from_the_encoders_initial_weights_and_never_sees_pretrai
     ckpt = {p.stem: torch.load(p, weights_only=True) for p in (run.dir / "checkpoints").iterdir()}
     pl.seed_everything(0, verbose=False)
     torch.nn.Linear(784, 10)  # the baseline's head
-    linears = [m for m in run.scratch[0] if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in run.networks["scratch"][0] if isinstance(m, torch.nn.Linear)]
     for k, (lin, ae) in enumerate(zip(linears, run.autoencoders, strict=True), start=1):
         if k > 1:
             torch.set_rng_state(ckpt[f"pretrain_layer{k - 1}"]["rng"]["cpu"])
@@ -61,8 +61,8 @@ def test_scratch_starts_from_the_encoders_initial_weights_and_never_sees_pretrai
     stack_encoders(run.autoencoders)  # the probe's frozen stacks are built first, one per split
     stack_encoders(run.autoencoders)
     head = torch.nn.Linear(9, 10)  # the probe's head, before the probe trained it
-    torch.testing.assert_close(run.scratch[1].weight, head.weight, rtol=0, atol=1e-9)
-    assert not torch.equal(run.probe[1].weight, head.weight)
+    torch.testing.assert_close(run.networks["scratch"][1].weight, head.weight, rtol=0, atol=1e-9)
+    assert not torch.equal(run.networks["probe"][1].weight, head.weight)
 
 
 def test_tiny_in_process_run_metrics_and_fingerprints(tiny):
@@ -72,7 +72,7 @@ def test_tiny_in_process_run_metrics_and_fingerprints(tiny):
     want = expected(tiny.cfg, m["data"]["checksums"])
     for name in ("baseline", "probe", "finetune", "scratch"):
         assert m[name]["fingerprint"] == want[name].fingerprint and m[name]["origin"] == "trained"
-    assert [layer["fingerprint"] for layer in m["pretrain"]] == [
+    assert [layer["fingerprint"] for layer in layers(m)] == [
         want[f"pretrain_layer{k}"].fingerprint for k in (1, 2)]
     assert set(m["versions"]) == {"python", "saelab", "torch", "lightning", "hydra", "omegaconf",
                                   "tensorboard"}
@@ -83,7 +83,7 @@ def test_autoencoder_loss_decreases():
     cfg = compose_cfg(*TINY, "pretrain.epochs=3")
     data = load_splits(cfg.data, seed=0)
     ae = AutoEncoder(784, 196)
-    stage = AutoencoderStage(ae, cfg.pretrain, "pretrain layer 1", "pretrain/layer1")
+    stage = AutoencoderModule(ae, cfg.pretrain, "pretrain layer 1", "pretrain/layer1")
     before = stage.evaluate(data.val_x)
     pl.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False).fit(
@@ -126,7 +126,7 @@ def test_pretraining_fingerprint_does_not_depend_on_labels_per_class():
 
 
 def test_few_labels_run_trains_labelled_stages_on_exactly_n_per_class(tmp_path):
-    run = run_experiment(compose([*QUICK, "data.labels_per_class=5"]), tmp_path)
+    run = execute(compose([*QUICK, "data.labels_per_class=5"]), tmp_path)
     m = run.metrics
     assert (m["data"]["n_labelled_train"], m["data"]["n_labelled_val"]) == (50, 50)
     assert m["data"]["n_train"] == 600
@@ -140,13 +140,13 @@ def test_dropout_applies_to_the_training_loss_only():
     cfg = compose(["finetune.dropout.input=0.2", "finetune.dropout.hidden=0.5"]).finetune
     net = torch.nn.Sequential(stack_encoders([AutoEncoder(784, 64), AutoEncoder(64, 16)]),
                               torch.nn.Linear(16, 10))
-    stage = ClassifierStage(net, cfg, "finetune", "finetune")
+    stage = ClassifierModule(net, cfg, "finetune", "finetune", dropout=cfg.dropout)
     x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
     assert not torch.equal(stage.logits(x), stage.logits(x))  # masks drawn at every call
     assert torch.equal(stage.model(x), stage.model(x))  # the network itself has no dropout
     correct, n = stage.evaluate(x, y)
     assert float(correct) == float((net(x).argmax(1) == y).sum()) and float(n) == 256
-    plain = ClassifierStage(net, compose().finetune, "finetune", "finetune")
+    plain = ClassifierModule(net, compose().finetune, "finetune", "finetune")
     assert torch.equal(plain.logits(x), net(x))
     # scratch follows fine-tuning's dropout unless set
     assert compose(["finetune.dropout.hidden=0.3"]).scratch.dropout.hidden == 0.3
@@ -156,9 +156,9 @@ def test_dropout_applies_to_the_training_loss_only():
 def test_tiny_run_writes_complete_metrics_far_above_chance(tiny_run):
     m = json.loads((tiny_run / "metrics.json").read_text())
     assert m["data"]["source"].startswith(("mirror:", "cache:"))
-    assert [(layer["in"], layer["out"]) for layer in m["pretrain"]] == [
+    assert [(layer["in"], layer["out"]) for layer in layers(m)] == [
         (784, 196), (196, 49), (49, 25), (25, 9)]
-    assert all(0 < layer["val_recon_mse"] < 1 for layer in m["pretrain"])
+    assert all(0 < layer["val_recon_mse"] < 1 for layer in layers(m))
     # chance is 0.1; the probe reads only 9 codes learned from 3,000 images in 3 epochs
     assert m["baseline"]["test_acc"] > 0.7 and m["finetune"]["test_acc"] > 0.7
     assert m["scratch"]["test_acc"] > 0.6

@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import QUICK, REPO
 
-from saelab.progress import Estimator, Progress, clock
+from saelab.progress import Estimator, ProgressDisplay, clock
 
 
 def test_time_left_is_work_left_at_the_speed_shown():
@@ -50,7 +50,7 @@ def test_the_live_line_shows_stage_epoch_steps_times_and_numbers(monkeypatch):
 
     monkeypatch.setenv("COLUMNS", "200")  # the line is cut to the terminal's width
     stream, meter = Terminal(), Meter()
-    progress = Progress("auto", {"finetune": 1000.0}, stream)  # 40 steps of 25 work units
+    progress = ProgressDisplay("auto", {"finetune": 1000.0}, stream)  # 40 steps of 25 work units
     progress.begin("finetune", "finetune", 4, 10, meter)
     for _ in range(16):
         meter.step()
@@ -59,7 +59,8 @@ def test_the_live_line_shows_stage_epoch_steps_times_and_numbers(monkeypatch):
     line = stream.text.split("\r\x1b[K")[-2]
     assert line.startswith("finetune: epoch 2/4 [########............]  40%")
     assert "left (run ~" in line and line.endswith("train_loss 0.25 val_acc 0.9")
-    assert Progress("auto", {}, Terminal()).bar and not Progress("lines", {}, Terminal()).bar
+    assert ProgressDisplay("auto", {}, Terminal()).bar
+    assert not ProgressDisplay("lines", {}, Terminal()).bar
 
 
 @pytest.mark.slow

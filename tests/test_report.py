@@ -82,7 +82,7 @@ def test_tensorboard_holds_the_images_and_an_hparams_entry_with_the_metrics(tiny
         (value,) = events.Scalars(f"final/{stage}_test_acc")
         assert value.value == pytest.approx(metrics[stage]["test_acc"], abs=1e-6)
     (mse,) = events.Scalars("final/layer2_val_recon_mse")
-    assert mse.value == pytest.approx(metrics["pretrain"][1]["val_recon_mse"], rel=1e-6)
+    assert mse.value == pytest.approx(metrics["pretrain_layer2"]["val_recon_mse"], rel=1e-6)
     assert list((tiny_run / "tensorboard").glob("*/codes%2ffinetuned/sprite.png"))
 
 

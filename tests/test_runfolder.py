@@ -15,14 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, REPO, folder_state, run_cli
+from conftest import QUICK, REPO, folder_state, layers, run_cli
 
 import saelab
 from saelab import progress
 from saelab.errors import ConfigError, Interrupted
 from saelab.report import main as report_main
 from saelab.robustness import main as robustness_main
-from saelab.runfolder import RunFolder, expected, read_checkpoint, stages
+from saelab.runfolder import RunFolder, read_checkpoint
+from saelab.stages import expected, plan
 
 STAGES = ["baseline", "pretrain_layer1", "pretrain_layer2", "probe", "finetune", "scratch"]
 DENOISING = [*QUICK, "pretrain.noise.kind=masking", "pretrain.noise.level=0.3"]
@@ -33,7 +34,7 @@ def accuracies(metrics: dict) -> dict:
     out = {s: (metrics[s]["test_acc"], metrics[s].get("val_acc"), metrics[s]["history"])
            for s in ("baseline", "probe", "finetune", "scratch")}
     out["pretrain"] = [(p["val_recon_mse"], p["test_recon_mse"], p["history"])
-                       for p in metrics["pretrain"]]
+                       for p in layers(metrics)]
     return out
 
 
@@ -55,7 +56,7 @@ def test_checkpoints_record_the_fingerprint_of_exactly_the_keys_each_stage_reads
     metrics = json.loads((finished / "metrics.json").read_text())
     cfg = saelab.load_run(finished).cfg
     want = expected(cfg, metrics["data"]["checksums"])
-    assert [s.name for s in stages(cfg)] == STAGES
+    assert [s.name for s in plan(cfg)] == STAGES
     for name in STAGES:
         saved = read_checkpoint(finished / "checkpoints" / f"{name}.pt")
         assert saved["fingerprint"] == want[name].fingerprint and saved["format"] == 2
@@ -181,7 +182,7 @@ def test_resume_retrains_a_damaged_stage_and_every_stage_that_consumes_it(finish
         ckpt.unlink()
     again = saelab.run([f"resume={run_dir}"])
     origins = {s: again[s]["origin"] for s in ("baseline", "probe", "finetune", "scratch")}
-    origins |= {f"pretrain_layer{k}": p["origin"] for k, p in enumerate(again["pretrain"], 1)}
+    origins |= {f"pretrain_layer{k}": p["origin"] for k, p in enumerate(layers(again), 1)}
     assert origins == {"baseline": "checkpoint", "pretrain_layer1": "checkpoint",
                        "pretrain_layer2": "trained", "probe": "trained", "finetune": "trained",
                        "scratch": "trained"}
@@ -273,9 +274,9 @@ def test_sigterm_between_steps_where_lightning_sees_it_first_is_a_stop_too(tmp_p
                                                                           monkeypatch):
     """During validation Lightning's own SIGTERM handler raises its SIGTERMException (a
     SystemExit with code 0) before any step of ours runs: it must end as our stop does."""
-    from saelab import stages
+    from saelab import modules
 
-    validation_end = stages.Stage.on_validation_epoch_end
+    validation_end = modules.StageModule.on_validation_epoch_end
     calls = []
 
     def signal_in_validation(self):
@@ -284,7 +285,7 @@ def test_sigterm_between_steps_where_lightning_sees_it_first_is_a_stop_too(tmp_p
             os.kill(os.getpid(), signal.SIGTERM)
         validation_end(self)
 
-    monkeypatch.setattr(stages.Stage, "on_validation_epoch_end", signal_in_validation)
+    monkeypatch.setattr(modules.StageModule, "on_validation_epoch_end", signal_in_validation)
     with pytest.raises(Interrupted) as stop:
         saelab.run([*QUICK, "pretrain.epochs=5"], tmp_path / "run")
     assert stop.value.exit_code == 143
@@ -345,7 +346,7 @@ def test_load_run_changes_nothing_and_needs_no_data_until_splits_are_asked(finis
     monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "nocache"))
     run = saelab.load_run(run_dir)
     assert [ae.encoder.out_features for ae in run.autoencoders] == [32, 9]
-    assert run.scratch is not None and run.metrics["finetune"]["test_acc"] > 0
+    assert "scratch" in run.networks and run.metrics["finetune"]["test_acc"] > 0
     x = torch.zeros(3, 28, 28, dtype=torch.uint8)
     assert run.predict(x).shape == (3,)
     with pytest.raises(ConfigError):  # the data is not there: asked for, it is an error
@@ -364,7 +365,7 @@ def test_a_run_takes_its_pretrained_stages_from_the_store_with_identical_metrics
     few = [*QUICK, "data.labels_per_class=20"]
     shared = saelab.run([*few, f"store={store}"], tmp_path / "shared")
     alone = saelab.run(few, tmp_path / "alone")
-    assert [p["origin"].split(":")[0] for p in shared["pretrain"]] == ["store", "store"]
+    assert [p["origin"].split(":")[0] for p in layers(shared)] == ["store", "store"]
     assert all(shared[s]["origin"] == "trained" for s in ("baseline", "probe", "finetune"))
     assert accuracies(shared) == accuracies(alone)  # as if it had trained them itself
     assert {p.name for p in (tmp_path / "shared" / "checkpoints").iterdir()} == {
@@ -375,7 +376,7 @@ def test_a_run_takes_its_pretrained_stages_from_the_store_with_identical_metrics
     entry.write_bytes(b"not a checkpoint")
     capsys.readouterr()
     again = saelab.run([*QUICK, "seed=0", f"store={store}", "finetune.epochs=2"], tmp_path / "d")
-    assert "store: " in capsys.readouterr().out and again["pretrain"][0]["origin"] == "trained"
-    assert again["pretrain"][1]["origin"] == "trained"  # it consumes a retrained stage
+    assert "store: " in capsys.readouterr().out and layers(again)[0]["origin"] == "trained"
+    assert layers(again)[1]["origin"] == "trained"  # it consumes a retrained stage
     saelab.load_run(tmp_path / "d")
     assert entry.stat().st_size > 1000

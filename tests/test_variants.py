@@ -7,14 +7,14 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, compose_cfg, run_cli
+from conftest import TINY, compose_cfg, layers, run_cli
 from torch.nn import functional as F
 
 from saelab.autoencoder import AutoEncoder
 from saelab.config import compose
 from saelab.data import load_splits
 from saelab.errors import ConfigError
-from saelab.stages import AutoencoderStage, corrupt, kl_sparsity, make_optimizer
+from saelab.modules import AutoencoderModule, corrupt, kl_sparsity, make_optimizer
 
 PRESETS = ["sae3_mnist", "sda3_mnist", "fashion_default", "fashion_sda3"]
 
@@ -26,8 +26,8 @@ def digits() -> torch.Tensor:
     return load_splits(cfg.data, seed=0).train_x
 
 
-def pretrain_stage(ae: AutoEncoder, *overrides: str) -> AutoencoderStage:
-    return AutoencoderStage(ae, compose_cfg(*overrides).pretrain, "pretrain layer 1", "layer1")
+def pretrain_stage(ae: AutoEncoder, *overrides: str) -> AutoencoderModule:
+    return AutoencoderModule(ae, compose_cfg(*overrides).pretrain, "pretrain layer 1", "layer1")
 
 
 @pytest.mark.parametrize("level", [0.1, 0.25, 0.5])
@@ -64,7 +64,7 @@ def test_denoising_loss_reconstructs_the_clean_input(digits):
 
 
 def test_per_layer_noise_levels_replace_the_level():
-    stage = AutoencoderStage(AutoEncoder(784, 64), compose_cfg().pretrain, "l2", "l2",
+    stage = AutoencoderModule(AutoEncoder(784, 64), compose_cfg().pretrain, "l2", "l2",
                              noise_level=0.2)
     assert stage.noise_level == 0.2
     with pytest.raises(ConfigError) as err:
@@ -149,6 +149,6 @@ def test_sda3_preset_runs_tiny_with_per_layer_noise(tmp_path):
                    *epochs)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert [(p["in"], p["out"], p["noise_level"]) for p in m["pretrain"]] == [
+    assert [(p["in"], p["out"], p["noise_level"]) for p in layers(m)] == [
         (784, 1000, 0.1), (1000, 1000, 0.2), (1000, 1000, 0.3)]
     assert m["finetune"]["test_acc"] > 0.8

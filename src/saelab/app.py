@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import saelab
 from saelab.config import compose_raw, job_config
@@ -198,7 +198,8 @@ def run(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dic
     start = time.perf_counter()
     overrides = list(overrides)
     composed = compose_raw(overrides, hydra=True)
-    hydra = composed.pop("hydra")
+    with open_dict(composed):  # the job's config is the rest
+        hydra = composed.pop("hydra")
     job, recorded = job_config(overrides, composed)
     folder = Path(job.resume or run_dir or hydra.run.dir).expanduser()
     with run_logging(folder):

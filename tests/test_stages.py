@@ -1,0 +1,140 @@
+"""The stage registry: every stage reads exactly the keys it declares (and fingerprints).
+
+A stage reads its config through a view of its declared keys, so reading another one fails; what
+the pipeline reads around the stages must not change a trained weight either. These tests prove
+both on a real micro run: for every stage, every schema key it does not declare (with those of the
+stages it consumes) is changed at once, and its trained weights must come out bit-identical; and
+changing any key it declares must change its fingerprint.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from saelab.app import execute
+from saelab.config import compose, validate
+from saelab.errors import ConfigError
+from saelab.runfolder import read_checkpoint
+from saelab.schema import Key, leaves
+from saelab.stages import UndeclaredKey, View, expected, plan
+
+# Three hidden layers (so that layers read list elements), every stage on, seconds per run.
+MICRO = ["debug=quick", "model.sizes=[784,16,8,4]", "data.train_limit=300", "data.val_size=100",
+         "data.test_limit=100", "data.batch_size=50", "visualize.actmax.steps=2",
+         "visualize.embedding_points=10", "visualize.samples=[0,1]"]
+SUMS = {"train-images-idx3-ubyte": "0"}  # any data checksums: fingerprints only
+# Keys that cannot change within one test process: where the run goes, and continuing one.
+FIXED = {"resume", "trainer.devices", "trainer.strategy"}
+
+
+def other_value(k: Key, value):
+    """A valid value of key `k` other than `value` (None: no such value worth trying)."""
+    if k.choices is not None:
+        return next(c for c in k.choices if c != value)
+    if isinstance(value, bool):
+        return not value
+    upper = k.bounds.get("le", k.bounds.get("lt", float("inf")))
+    if isinstance(value, int) or (value is None and "int" in str(k.type)):
+        bumped = (value or 0) + 2
+        return bumped if bumped <= upper else (value or 0) - 1
+    if isinstance(value, float) or (value is None and "float" in str(k.type)):
+        bumped = (value or 0.05) * 2
+        return bumped if bumped < upper else (value or 0.05) / 2
+    if isinstance(value, str) or (value is None and "str" in str(k.type)):
+        return None if value is None else f"{value}/."  # the same place, written otherwise
+    return None
+
+
+def perturbed(base: list[str], keys: list[Key], declared: set[str], tmp: Path) -> list[str]:
+    """`base` with every key of `keys` outside `declared` changed, as far as the config stays
+    valid (a change it refuses is left out). List keys change only their undeclared elements."""
+    overrides = list(base)
+    for k in keys:
+        if k.path in declared or k.path in FIXED:
+            continue
+        current = OmegaConf.select(compose(overrides), k.path)
+        if isinstance(current, StrEnum):
+            current = current.value
+        if k.path == "store":
+            new = str(tmp / "store")
+        elif OmegaConf.is_list(current):
+            items = list(current)
+            free = [i for i in range(len(items)) if f"{k.path}.{i}" not in declared]
+            if not free or k.path in declared:
+                continue
+            i = free[-1]
+            items[i] = items[i] + 1 if isinstance(items[i], int) else items[i] / 2
+            new = f"[{','.join(map(str, items))}]"
+        else:
+            new = other_value(k, current)
+        if new is None or any(d.startswith(f"{k.path}.") for d in declared):
+            continue
+        candidate = [*overrides, f"{k.path}={new}"]
+        try:
+            validate(compose(candidate))
+        except ConfigError:
+            continue
+        overrides = candidate
+    return overrides
+
+
+def closure(want, name: str) -> set[str]:
+    """The keys a stage declares, with those of every stage it consumes, transitively."""
+    exp = want[name]
+    return set(exp.stage.keys).union(*(closure(want, c) for c in exp.stage.consumes))
+
+
+def test_a_view_gives_declared_keys_typed_and_refuses_every_other():
+    view = View("x", {"pretrain.lr": 1e-3, "pretrain.optimizer": "adam", "model.sizes.1": 49})
+    assert view.pretrain.lr == 1e-3 and view.model.sizes[1] == 49
+    assert view.pretrain.optimizer.__class__.__name__ == "Optimizer"
+    with pytest.raises(UndeclaredKey, match="stage x reads pretrain.epochs"):
+        _ = view.pretrain.epochs
+    with pytest.raises(UndeclaredKey, match="model.sizes.0"):
+        _ = view.model.sizes[0]
+
+
+def test_changing_any_declared_key_changes_the_fingerprint():
+    base = expected(compose(MICRO), SUMS)
+    for name, exp in base.items():
+        for key in exp.stage.keys:
+            parent, _, last = key.rpartition(".")
+            path = parent if last.isdigit() else key
+            k = next(k for k in leaves() if k.path == path)
+            value = OmegaConf.select(compose(MICRO), path)
+            if OmegaConf.is_list(value):
+                items = list(value)
+                items[int(last)] = items[int(last)] + 1
+                new = f"[{','.join(map(str, items))}]"
+            elif value is None and last.isdigit():  # an element of a null list: give the list
+                new = f"[{','.join(['0.1'] * (len(compose(MICRO).model.sizes) - 1))}]"
+            else:
+                new = other_value(k, value.value if isinstance(value, StrEnum) else value)
+            if new is None:
+                continue
+            changed = expected(compose([*MICRO, f"{path}={new}"]), SUMS)
+            assert changed.get(name) is None or changed[name].fingerprint != exp.fingerprint, key
+
+
+@pytest.mark.slow
+def test_keys_a_stage_does_not_declare_leave_its_trained_weights_bit_identical(tmp_path):
+    cfg = compose(MICRO)
+    reference = tmp_path / "reference"
+    execute(cfg, reference)
+    want = expected(cfg, SUMS)
+    assert {s.name for s in plan(cfg)} == set(want)
+    for name in want:
+        overrides = perturbed(MICRO, leaves(), closure(want, name), tmp_path)
+        assert len(overrides) - len(MICRO) > 20, name  # most of the schema changed at once
+        run_dir = tmp_path / name
+        execute(compose(overrides), run_dir)
+        mine = read_checkpoint(run_dir / "checkpoints" / f"{name}.pt")["state_dict"]
+        ref = read_checkpoint(reference / "checkpoints" / f"{name}.pt")["state_dict"]
+        assert mine.keys() == ref.keys()
+        for key, value in ref.items():
+            assert torch.equal(mine[key], value), (name, key, overrides[len(MICRO):])
