@@ -9,15 +9,17 @@ changing any key it declares must change its fingerprint.
 
 from __future__ import annotations
 
+import copy
 from enum import StrEnum
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from saelab.app import execute
-from saelab.config import compose, validate
+from saelab.config import compose, compose_raw, validate
 from saelab.errors import ConfigError
 from saelab.runfolder import read_checkpoint
 from saelab.schema import Key, leaves
@@ -50,37 +52,49 @@ def other_value(k: Key, value):
     return None
 
 
-def perturbed(base: list[str], keys: list[Key], declared: set[str], tmp: Path) -> list[str]:
-    """`base` with every key of `keys` outside `declared` changed, as far as the config stays
-    valid (a change it refuses is left out). List keys change only their undeclared elements."""
-    overrides = list(base)
-    for k in keys:
+def perturbed(base: DictConfig, name: str, tmp: Path) -> tuple[DictConfig, list[str]]:
+    """`base` with every schema key changed that leaves the declared keys of stage `name` and of
+    the stages it consumes as they are (a key they interpolate, like `data.batch_size`, is one of
+    them in effect), as far as the config stays valid; and the keys changed. List keys change
+    their last element that no stage declares."""
+    want = expected(base, SUMS)
+    declared = closure(want, name)
+    inputs = {n: want[n].inputs for n in want if set(want[n].stage.keys) <= declared}
+    cfg, changed = copy.deepcopy(base), []
+    for k in leaves():
         if k.path in declared or k.path in FIXED:
             continue
-        current = OmegaConf.select(compose(overrides), k.path)
+        current = OmegaConf.select(cfg, k.path)
         if isinstance(current, StrEnum):
             current = current.value
         if k.path == "store":
             new = str(tmp / "store")
+        elif current is None and str(k.type).startswith("list"):  # a null list: give one
+            if any(d.startswith(f"{k.path}.") for d in declared):
+                continue
+            new = [0.1] * (len(cfg.model.sizes) - 1) if "float" in str(k.type) else [0, 1]
         elif OmegaConf.is_list(current):
             items = list(current)
             free = [i for i in range(len(items)) if f"{k.path}.{i}" not in declared]
-            if not free or k.path in declared:
+            if not free:
                 continue
-            i = free[-1]
-            items[i] = items[i] + 1 if isinstance(items[i], int) else items[i] / 2
-            new = f"[{','.join(map(str, items))}]"
+            items[free[-1]] += 1 if isinstance(items[free[-1]], int) else items[free[-1]]
+            new = items
         else:
             new = other_value(k, current)
-        if new is None or any(d.startswith(f"{k.path}.") for d in declared):
+        if new is None:
             continue
-        candidate = [*overrides, f"{k.path}={new}"]
+        candidate = copy.deepcopy(cfg)
         try:
-            validate(compose(candidate))
-        except ConfigError:
+            OmegaConf.update(candidate, k.path, new, merge=False)
+            validate(candidate)
+        except (ConfigError, OmegaConfBaseException):
             continue
-        overrides = candidate
-    return overrides
+        now = expected(candidate, SUMS)
+        if all(n in now and now[n].inputs == values for n, values in inputs.items()):
+            cfg = candidate
+            changed.append(k.path)
+    return cfg, changed
 
 
 def closure(want, name: str) -> set[str]:
@@ -107,17 +121,18 @@ def test_changing_any_declared_key_changes_the_fingerprint():
             path = parent if last.isdigit() else key
             k = next(k for k in leaves() if k.path == path)
             value = OmegaConf.select(compose(MICRO), path)
-            if OmegaConf.is_list(value):
+            if OmegaConf.is_list(value):  # one element, or the whole list one shorter
                 items = list(value)
-                items[int(last)] = items[int(last)] + 1
-                new = f"[{','.join(map(str, items))}]"
+                if last.isdigit():
+                    items[int(last)] = items[int(last)] + 1
+                new = f"[{','.join(map(str, items if last.isdigit() else items[:-1]))}]"
             elif value is None and last.isdigit():  # an element of a null list: give the list
                 new = f"[{','.join(['0.1'] * (len(compose(MICRO).model.sizes) - 1))}]"
             else:
                 new = other_value(k, value.value if isinstance(value, StrEnum) else value)
             if new is None:
                 continue
-            changed = expected(compose([*MICRO, f"{path}={new}"]), SUMS)
+            changed = expected(compose_raw([*MICRO, f"{path}={new}"]), SUMS)  # valid or not
             assert changed.get(name) is None or changed[name].fingerprint != exp.fingerprint, key
 
 
@@ -129,12 +144,12 @@ def test_keys_a_stage_does_not_declare_leave_its_trained_weights_bit_identical(t
     want = expected(cfg, SUMS)
     assert {s.name for s in plan(cfg)} == set(want)
     for name in want:
-        overrides = perturbed(MICRO, leaves(), closure(want, name), tmp_path)
-        assert len(overrides) - len(MICRO) > 20, name  # most of the schema changed at once
+        changed_cfg, changed = perturbed(cfg, name, tmp_path)
+        assert len(changed) > 20, (name, changed)  # much of the schema changed at once
         run_dir = tmp_path / name
-        execute(compose(overrides), run_dir)
+        execute(changed_cfg, run_dir)
         mine = read_checkpoint(run_dir / "checkpoints" / f"{name}.pt")["state_dict"]
         ref = read_checkpoint(reference / "checkpoints" / f"{name}.pt")["state_dict"]
         assert mine.keys() == ref.keys()
         for key, value in ref.items():
-            assert torch.equal(mine[key], value), (name, key, overrides[len(MICRO):])
+            assert torch.equal(mine[key], value), (name, key, changed)

@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 import saelab
-from saelab.config import compose_raw, job_config
+from saelab.config import check_paths, compose_raw, job_config, without_hydra
 from saelab.errors import ConfigError, Interrupted
 from saelab.runfolder import RunFolder
 
@@ -96,10 +96,14 @@ class Record:
 
     def ended(self, **fields: Any) -> None:
         """How a run ended early (an error, a stop request), beside what it finished; only into
-        a folder found to be this config's (an error must not land on another run's results)."""
+        a folder found to be this config's (an error must not land on another run's results).
+        Best effort: on a full disk the run stops all the same."""
         if self.folder.owned:
             self.metrics.update(fields)
-            self.write()
+            try:
+                self.write()
+            except OSError as exc:
+                log.warning("could not record how the run ended in metrics.json: %s", exc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +144,7 @@ def execute(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None,
         return logger
 
     folder.lock()
+    logger_files = folder.logger_files()
     try:
         with handled():
             try:
@@ -149,7 +154,7 @@ def execute(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None,
                     log_final(logger, cfg, final_metrics(cfg, record.metrics))
                 run = Run.of(run_dir, ex, record.metrics)
                 if folder.writer and cfg.visualize.enabled:
-                    build_report(run)
+                    build_report(run, folder)
                     laps.lap("figures")
             except Interrupted as exc:
                 record.ended(interrupted=exc.signum)
@@ -160,7 +165,12 @@ def execute(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None,
                 record.ended(error=f"{type(exc).__name__}: {exc}")
                 raise
         record.write()
+    except ConfigError:  # refused late (bad data files, too many labels asked): leave nothing
+        folder.unlock()
+        folder.discard()
+        raise
     finally:
+        folder.claim_logger_files(logger_files)
         folder.unlock()
     if folder.writer:
         print(summary_table(cfg, record.metrics, run_dir))
@@ -197,10 +207,9 @@ def run(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dic
     exits 2. The caller's logging and signal handlers are as they were afterwards."""
     start = time.perf_counter()
     overrides = list(overrides)
-    composed = compose_raw(overrides, hydra=True)
-    with open_dict(composed):  # the job's config is the rest
-        hydra = composed.pop("hydra")
+    composed, hydra = without_hydra(compose_raw(overrides, hydra=True))
     job, recorded = job_config(overrides, composed)
+    check_paths(job)
     folder = Path(job.resume or run_dir or hydra.run.dir).expanduser()
     with run_logging(folder):
         return execute(job, folder, recorded, start).metrics

@@ -28,15 +28,19 @@ from omegaconf import DictConfig, OmegaConf
 from saelab import __version__
 from saelab.config import (
     CONFIG_MODULE,
+    check_folder,
+    check_paths,
     compose_raw,
     config_groups,
     job_config,
-    resumed_config,
     validate,
+    without_hydra,
 )
 from saelab.errors import ConfigError, Interrupted, NonFiniteLossError
+from saelab.runfolder import RunFolder
 from saelab.schema import Logger, Strategy, register
 from saelab.signals import STOP
+from saelab.sweep import SweepSummary
 
 log = logging.getLogger("saelab")
 STARTED = time.perf_counter()  # about when the command started: the table's start-up row
@@ -74,6 +78,11 @@ def override_text(key: str, value) -> str:
     return f"{key}={value}"
 
 
+def is_optuna(cfg: DictConfig) -> bool:
+    """Whether the config's sweeper is the Optuna search (not the basic one)."""
+    return "optuna" in str(cfg.hydra.sweeper.get("_target_", "")).lower()
+
+
 def sweep_jobs(cfg: DictConfig, overrides: list[str]) -> list[list[str]]:
     """The overrides of every job of a sweep to check: a basic sweep's jobs; for the Optuna
     sweeper, each choice and both ends of each interval or range, one parameter at a time."""
@@ -81,8 +90,7 @@ def sweep_jobs(cfg: DictConfig, overrides: list[str]) -> list[list[str]]:
 
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(overrides)
-    sweeper = str(cfg.hydra.sweeper.get("_target_", ""))
-    if "optuna" not in sweeper.lower():
+    if not is_optuna(cfg):
         return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     params = {k: str(v) for k, v in (cfg.hydra.sweeper.get("params") or {}).items()}
@@ -105,9 +113,20 @@ def sweep_jobs(cfg: DictConfig, overrides: list[str]) -> list[list[str]]:
     return jobs
 
 
+# The configs the front door composed and checked, by their job's overrides (Hydra's own aside):
+# a job that Hydra runs in this process takes its config from here instead of composing and
+# checking it again (a job in another process, or an Optuna trial, composes its own).
+CHECKED: dict[tuple[str, ...], tuple[DictConfig, list[str]]] = {}
+
+
+def task(overrides: list[str]) -> tuple[str, ...]:
+    """A job's overrides as Hydra lists them for the task (without Hydra's own)."""
+    return tuple(o for o in overrides if not o.lstrip("+~").startswith("hydra"))
+
+
 def front_door(multirun: bool, overrides: list[str]) -> list[str]:
-    """Check every job's config; return the overrides to hand Hydra (a resumed run's folder
-    pinned with `hydra.run.dir`). Raises ConfigError."""
+    """Check every job's config (and keep it in CHECKED); return the overrides to hand Hydra (a
+    resumed run's folder pinned with `hydra.run.dir`). Raises ConfigError."""
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as exc:  # noqa: BLE001 - Hydra's grammar errors, made one line
@@ -118,34 +137,52 @@ def front_door(multirun: bool, overrides: list[str]) -> list[str]:
         if sweeps:
             raise ConfigError(sweeps[0].key_or_group, sweeps[0].input_line.split("=", 1)[1],
                               "a sweep needs -m (a list is written [a,b])")
-        if cfg.resume is not None:
-            prepare([resumed_config(cfg.resume, overrides)])
-            return [*overrides, f"hydra.run.dir={Path(cfg.resume).expanduser().resolve()}"]
-        validate(cfg)
-        prepare([cfg])
+        job, hydra_node = without_hydra(cfg)
+        job, recorded = job_config(overrides, job)
+        prepare([job])
+        CHECKED[task(overrides)] = job, recorded
+        if job.resume is not None:
+            return [*overrides, f"hydra.run.dir={Path(job.resume).expanduser().resolve()}"]
+        check_folder("hydra.run.dir", hydra_node.run.dir)
         return overrides
     if cfg.resume is not None:
         raise ConfigError("resume", cfg.resume, "continues one run: not in a multirun (-m)")
-    jobs = [compose_raw(job) for job in sweep_jobs(cfg, overrides)]
-    for job in jobs:
+    if is_optuna(cfg) and cfg.hydra.sweeper.n_trials < 1:
+        raise ConfigError("hydra.sweeper.n_trials", cfg.hydra.sweeper.n_trials, "must be > 0")
+    jobs = {task(job): compose_raw(job) for job in sweep_jobs(cfg, overrides)}
+    for job in jobs.values():
         validate(job)
+        if is_optuna(cfg) and job.data.val_size == 0:
+            raise ConfigError("data.val_size", 0, "must be > 0 with an Optuna search: it "
+                              "maximises the fine-tuned validation accuracy")
         if job.trainer.strategy == Strategy.ddp:
             # Lightning starts ranks > 0 by re-running the command line, which would be a sweep.
             raise ConfigError("trainer.strategy", "ddp", "runs in single runs only, not in a "
                               "multirun (-m): Lightning re-launches the command line per rank")
-    prepare(jobs)
+    prepare(list(jobs.values()))
+    check_folder("hydra.sweep.dir", cfg.hydra.sweep.dir)
+    if not is_optuna(cfg):  # the very jobs Hydra will run (an Optuna search's are drawn as it goes)
+        CHECKED.update({key: (job, list(key)) for key, job in jobs.items()})
     return overrides
 
 
 def prepare(jobs: list[DictConfig]) -> None:
-    """What the jobs share must exist before they start: an MLflow store and experiment."""
+    """What the jobs share must exist before they start: the folders they write outside their
+    own, an MLflow store and experiment."""
+    for job in jobs:
+        check_paths(job)
     stores = {(j.logger.tracking_uri, j.logger.experiment): j for j in jobs
               if j.logger.kind == Logger.mlflow}
     if stores:
         from saelab.loggers import prepare_mlflow
 
         for job in stores.values():
-            prepare_mlflow(job)
+            try:
+                prepare_mlflow(job)
+            except Exception as exc:  # noqa: BLE001 - MLflow's many ways to refuse a store
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
+                raise ConfigError("logger.tracking_uri", job.logger.tracking_uri,
+                                  f"cannot open the MLflow store ({reason})") from None
 
 
 def help_text() -> str:
@@ -183,6 +220,11 @@ def main(argv: list[str] | None = None) -> None:
     hydra_main()
     if STOP.signum is not None:  # a sweep stopped by a signal: its summary is written
         sys.exit(128 + STOP.signum)
+    failed = SweepSummary.failed
+    if failed:  # a sweep's exit status is its jobs'
+        print(f"saelab: {len(failed)} of {SweepSummary.jobs} jobs failed: {', '.join(failed)} "
+              "(their errors: summary.md)", file=sys.stderr)
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,10 +244,11 @@ def hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     if STOP.signum is not None:  # a sweep after a stop request: the remaining jobs do not run
-        skip_job(run_dir)
+        RunFolder(run_dir).discard()  # the folder Hydra made for it, with its empty log
         return None
     try:
-        cfg, overrides = job_config(list(hc.overrides.task), cfg)
+        cfg, overrides = CHECKED.pop(tuple(hc.overrides.task), None) or job_config(
+            list(hc.overrides.task), cfg)
         log.info("saelab %s: starting in %s (loading PyTorch)", __version__, run_dir)
         from saelab.app import execute  # heavy imports, once the config is known to be good
 
@@ -214,6 +257,11 @@ def hydra_main(cfg: DictConfig) -> float | None:
         return fail(exc, "error", 2)
     except NonFiniteLossError as exc:
         return fail(exc, "stopped", 1)
+    except OSError as exc:  # a full disk, a folder gone: the finished stages are kept
+        log.error("job failed: %s", exc)
+        return fail(ConfigError(exc.filename or "file", exc.strerror or type(exc).__name__,
+                                f"finished stages kept in {run_dir}; fix it, then: saelab "
+                                f"resume={run_dir}"), "failed", 1)
     except Interrupted as exc:
         print(f"saelab: stopped by signal {exc.signum}: finished stages kept in {run_dir}; "
               f"continue with: saelab resume={run_dir}", file=sys.stderr)
@@ -235,15 +283,3 @@ def fail(exc: Exception, what: str, code: int) -> None:
     print(f"saelab: {what}: {exc}", file=sys.stderr)
     if not in_multirun():
         sys.exit(code)
-
-
-def skip_job(run_dir: Path) -> None:
-    """Remove the folder Hydra made for a job that will not run (only its empty log)."""
-    log_file = run_dir / f"{HydraConfig.get().job.name}.log"
-    if run_dir.is_dir() and all(p == log_file for p in run_dir.iterdir()) and (
-            not log_file.exists() or not log_file.stat().st_size):
-        for handler in logging.getLogger().handlers:
-            if getattr(handler, "baseFilename", None) == str(log_file):
-                handler.close()
-        log_file.unlink(missing_ok=True)
-        run_dir.rmdir()

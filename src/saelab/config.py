@@ -7,6 +7,8 @@ Everything here runs before any heavy import, so that bad input fails at once wi
 
 from __future__ import annotations
 
+import ctypes
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.resources import files
@@ -14,7 +16,8 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from saelab import datasets
@@ -22,6 +25,7 @@ from saelab.errors import ConfigError
 from saelab.runfolder import CONFIG, RunFolder
 from saelab.schema import (
     PRECISIONS,
+    Accelerator,
     Activation,
     Config,
     Logger,
@@ -31,11 +35,13 @@ from saelab.schema import (
     Sparsity,
     Strategy,
     bound_texts,
+    followers,
     leaves,
     register,
 )
 
 CONFIG_MODULE = "saelab.conf"
+SCHEMA_KEYS = frozenset(k.path for k in leaves())
 # Keys that moved since a config was saved (old dotted key -> new one), applied when a saved
 # config is loaded; keys it lacks take the schema's defaults.
 MOVED = {
@@ -79,9 +85,35 @@ def compose_raw(overrides: list[str], hydra: bool = False) -> DictConfig:
     a ConfigError naming the key."""
     with hydra_compose() as compose:
         try:
-            return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=hydra)
         except Exception as exc:  # noqa: BLE001 - Hydra's and OmegaConf's errors, made one line
             raise composition_error(exc, overrides) from None
+    check_keys(cfg)
+    return cfg
+
+
+def check_keys(cfg: DictConfig, prefix: str = "") -> None:
+    """Every key of `cfg` is a key of the schema: `+key=value` (which Hydra adds past the schema's
+    type checks) cannot add one that saelab would ignore and then refuse to read back."""
+    known = SCHEMA_KEYS
+    for name in cfg:
+        path = f"{prefix}{name}"
+        if path in known or path == "hydra":
+            continue
+        node = cfg._get_node(name)
+        if isinstance(node, DictConfig) and any(k.startswith(f"{path}.") for k in known):
+            check_keys(node, f"{path}.")
+            continue
+        raise no_such_key(path, OmegaConf.select(cfg, str(name),
+                                                 throw_on_resolution_failure=False),
+                          "; `+` adds none to the schema")
+
+
+def without_hydra(composed: DictConfig) -> tuple[DictConfig, DictConfig]:
+    """A config composed with Hydra's node, split: the job's config and Hydra's node."""
+    with open_dict(composed):
+        hydra = composed.pop("hydra")
+    return composed, hydra
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -116,9 +148,7 @@ def omegaconf_error(exc: OmegaConfBaseException, given: str | None = None) -> Co
     message = str(exc).splitlines()[0]
     value = given if given is not None else getattr(exc, "value", None)
     if "not in" in message or "Could not override" in message or "not found" in message:
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
-        return ConfigError(key, value, f"no such key{f' in {parent}' if parent else ''} "
-                           f"(the keys: docs/configuration.md)")
+        return no_such_key(key, value)
     if "expected one of" in message:
         return ConfigError(key, value, "allowed: " + message.split("expected one of ")[1]
                            .strip("[]").replace("'", ""))
@@ -132,6 +162,12 @@ def omegaconf_error(exc: OmegaConfBaseException, given: str | None = None) -> Co
                 "string": "a string"}.get(kind, kind)
         return ConfigError(key, value, f"must be {kind}")
     return ConfigError(key, value, message)
+
+
+def no_such_key(key: str, value: Any, why: str = "") -> ConfigError:
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    return ConfigError(key, value, f"no such key{f' in {parent}' if parent else ''}{why} (the "
+                       "keys: saelab --help)")
 
 
 # Plugins named by a preset or override, and the extra that installs them.
@@ -194,6 +230,39 @@ def validate(cfg: DictConfig, files: bool = True) -> None:
         raise omegaconf_error(exc) from None
 
 
+def cuda_devices() -> int:
+    """CUDA GPUs on this machine, asked of the driver itself (no torch import: the front door
+    answers at once)."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int()
+        ok = driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0
+    except (OSError, AttributeError):
+        return 0
+    return count.value if ok else 0
+
+
+def check_folder(key: str, path: str | Path) -> None:
+    """A folder saelab is to write in exists or can be made (it is made now), and is writable."""
+    folder = Path(path).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(key, str(path), f"cannot be created ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(key, str(path), "is not writable")
+
+
+def check_paths(cfg: DictConfig) -> None:
+    """The folders a run writes outside its run folder: the shared store, and the data cache
+    unless it holds the data set already."""
+    if cfg.store:
+        check_folder("store", cfg.store)
+    raw = Path(cfg.data.root).expanduser() / datasets.FOLDERS[cfg.data.name] / "raw"
+    if not all((raw / stem).is_file() for stem in datasets.MD5[cfg.data.name]):
+        check_folder("data.root", cfg.data.root)
+
+
 def _rules(cfg: DictConfig, files: bool) -> None:
     data, model, pre = cfg.data, cfg.model, cfg.pretrain
     classes = list(data.classes)
@@ -201,6 +270,11 @@ def _rules(cfg: DictConfig, files: bool) -> None:
         raise ConfigError("data.classes", classes, "needs at least 2 distinct classes in 0..9")
     if files and data.mirror and not Path(data.mirror).expanduser().is_dir():
         raise ConfigError("data.mirror", data.mirror, "directory does not exist")
+    if data.labels_per_class is not None:
+        fewest = min(datasets.train_counts(data.name, classes, data.val_size, data.train_limit))
+        if data.labels_per_class > fewest:
+            raise ConfigError("data.labels_per_class", data.labels_per_class, f"must be at most "
+                              f"{fewest}, the smallest class of this training split")
     if data.labelled_val_per_class is not None and data.labels_per_class is None:
         raise ConfigError("data.labelled_val_per_class", data.labelled_val_per_class,
                           "needs data.labels_per_class (with every label, validation uses "
@@ -235,6 +309,9 @@ def _rules(cfg: DictConfig, files: bool) -> None:
         raise ConfigError("pretrain.sparsity.kind", "kl", "needs tanh or sigmoid units")
 
     trainer = cfg.trainer
+    if files and trainer.accelerator in (Accelerator.gpu, Accelerator.cuda) and not cuda_devices():
+        raise ConfigError("trainer.accelerator", trainer.accelerator.value, "this machine has no "
+                          "CUDA GPU: use trainer=cpu (or accelerator auto)")
     if trainer.precision not in PRECISIONS:
         raise ConfigError("trainer.precision", trainer.precision,
                           f"allowed: {', '.join(PRECISIONS)}")
@@ -278,8 +355,11 @@ def load_saved(run_dir: str | Path, key: str = "RUN_DIR") -> DictConfig:
         raise ConfigError(key, str(run_dir), f"must be a run folder holding {CONFIG}")
     try:
         saved = OmegaConf.load(path)
-    except (OSError, OmegaConfBaseException, ValueError) as exc:
-        raise ConfigError(key, str(path), f"unreadable saved config ({exc})") from None
+    except (OSError, OmegaConfBaseException, ValueError, yaml.YAMLError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise ConfigError(key, str(path), f"unreadable saved config ({reason})") from None
+    if not isinstance(saved, DictConfig):
+        raise ConfigError(key, str(path), "unreadable saved config (not a mapping of keys)")
     for old, new in MOVED.items():
         parent, _, leaf = old.rpartition(".")
         node = OmegaConf.select(saved, parent)
@@ -291,6 +371,17 @@ def load_saved(run_dir: str | Path, key: str = "RUN_DIR") -> DictConfig:
     except OmegaConfBaseException as exc:
         err = omegaconf_error(exc)
         raise ConfigError(key, str(path), f"saved config does not fit the schema: {err}") from None
+
+
+def update_with_followers(cfg: DictConfig, key: str, value: Any,
+                          following: dict[str, list[str]]) -> None:
+    """Set `key` in a saved (resolved) config, and with it every key that follows it by default
+    (`scratch.lr` follows `finetune.lr`) and still held its value: as a fresh run would."""
+    old = OmegaConf.select(cfg, key)
+    OmegaConf.update(cfg, key, value, merge=False)
+    for follower in following.get(key, []):
+        if OmegaConf.select(cfg, follower) == old:
+            update_with_followers(cfg, follower, OmegaConf.select(cfg, key), following)
 
 
 def resumed_config(run_dir: str, overrides: list[str]) -> DictConfig:
@@ -323,7 +414,7 @@ def resumed_config(run_dir: str, overrides: list[str]) -> DictConfig:
                     if select(changed, k.path) != select(defaults, k.path):
                         OmegaConf.update(cfg, k.path, OmegaConf.select(changed, k.path))
             else:
-                OmegaConf.update(cfg, name, o.value(), merge=False)
+                update_with_followers(cfg, name, o.value(), followers())
         except OmegaConfBaseException as exc:
             raise omegaconf_error(exc) from None
     cfg.resume = run_dir

@@ -19,7 +19,7 @@ import torch
 from torchvision import datasets
 
 from saelab.datafiles import check_cache, clear_cache, from_mirror, md5_of
-from saelab.datasets import CLASS_NAMES
+from saelab.datasets import CLASS_NAMES, FOLDERS, N_TRAIN, stratified_counts
 from saelab.errors import ConfigError
 from saelab.schema import Dataset, Pixels
 
@@ -83,9 +83,9 @@ class Raw:
 
 def load_raw(name: str, root: str, mirror: str | None, download: bool) -> Raw:
     """The data set `name`, from the first source that has it, checked by content."""
-    cls = TORCHVISION[Dataset(name)]
+    cls, folder = TORCHVISION[Dataset(name)], FOLDERS[Dataset(name)]
     root_path = Path(root).expanduser()
-    raw_dir = root_path / cls.__name__ / "raw"
+    raw_dir = root_path / folder / "raw"
     try:
         checksums = check_cache(name, raw_dir)
     except ConfigError as exc:
@@ -100,7 +100,7 @@ def load_raw(name: str, root: str, mirror: str | None, download: bool) -> Raw:
         source = f"cache:{root_path}"
     elif mirror:
         mirror_path = Path(mirror).expanduser().resolve()
-        checksums = from_mirror(name, mirror_path, cls.__name__, raw_dir)
+        checksums = from_mirror(name, mirror_path, folder, raw_dir)
         source = f"mirror:{mirror_path}"
     else:
         source = None
@@ -129,11 +129,7 @@ def load_raw(name: str, root: str, mirror: str | None, download: bool) -> Raw:
 def stratified_indices(labels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
     """Pick n indices with class proportions as in `labels` (largest remainders fill the rest)."""
     classes, counts = labels.unique(return_counts=True)
-    exact = counts.double() * n / len(labels)
-    take = exact.floor().long()
-    order = (exact - take).argsort(descending=True)
-    take[order[: n - int(take.sum())]] += 1
-    return _pick(labels, classes.tolist(), take.tolist(), generator)
+    return _pick(labels, classes.tolist(), stratified_counts(counts.tolist(), n), generator)
 
 
 def per_class_indices(labels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -148,7 +144,7 @@ def _pick(labels: torch.Tensor, classes: list[int], take: list[int],
     for c, k in zip(classes, take, strict=True):
         members = (labels == c).nonzero().squeeze(1)
         picked.append(members[torch.randperm(len(members), generator=generator)[:k]])
-    return torch.cat(picked).sort().values
+    return torch.cat(picked).sort().values if picked else torch.empty(0, dtype=torch.long)
 
 
 # The labelled subsets are drawn with their own generator, so that the splits (and everything
@@ -210,7 +206,11 @@ def load_splits(cfg, seed: int, device: str | torch.device = "cpu") -> Splits:
     gen = torch.Generator().manual_seed(seed)
     # val_size counts validation images of the full training set; a class subset keeps the same
     # fraction (0 vs 9: 5,000 -> 989), so a small task is not starved of training images.
-    n_val = round(int(cfg.val_size) * len(train_y) / len(raw.train_y))
+    n_val = round(int(cfg.val_size) * len(train_y) / N_TRAIN)
+    if len(raw.train_y) != N_TRAIN:  # the embedded fallback: the same fraction of what it has
+        log.warning("%s: %d training images, %d of them for validation (data.val_size=%d of "
+                    "%d, the same fraction)", raw.source, len(raw.train_y), n_val, cfg.val_size,
+                    N_TRAIN)
     val = stratified_indices(train_y, n_val, gen) if n_val else torch.empty(0, dtype=torch.long)
     is_train = torch.ones(len(train_y), dtype=torch.bool)
     is_train[val] = False

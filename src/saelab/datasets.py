@@ -10,7 +10,8 @@ CLASS_NAMES = {
     Dataset.fashion_mnist: ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                             "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
 }
-# Images per class in the official training and test sets (shared/data/README.md).
+# Images per class in the official training and test sets (LeCun et al.'s MNIST; Fashion-MNIST
+# has 6,000 and 1,000 of each class).
 TRAIN_COUNTS = {
     Dataset.mnist: [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949],
     Dataset.fashion_mnist: [6000] * 10,
@@ -21,8 +22,10 @@ TEST_COUNTS = {
 }
 N_TRAIN = 60_000  # data.val_size counts validation images of all ten classes of this many
 TITLES = {Dataset.mnist: "MNIST", Dataset.fashion_mnist: "Fashion-MNIST"}
-# md5 of the decompressed files (shared/data/README.md). A header check cannot tell the two data
-# sets apart: Fashion-MNIST's files have MNIST's magic numbers and lengths.
+# The folder of each in torchvision's layout: <root>/<folder>/raw/<file stem>.
+FOLDERS = {Dataset.mnist: "MNIST", Dataset.fashion_mnist: "FashionMNIST"}
+# md5 of the decompressed files, as published with the data sets. A header check cannot tell the
+# two data sets apart: Fashion-MNIST's files have MNIST's magic numbers and lengths.
 MD5 = {
     Dataset.mnist: {
         "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
@@ -44,6 +47,29 @@ def title(name: str, stem: str) -> str:
     """'MNIST train labels' for ("mnist", "train-labels-idx1-ubyte")."""
     split, kind = stem.split("-")[:2]
     return f"{TITLES[Dataset(name)]} {'test' if split == 't10k' else split} {kind}"
+
+
+def stratified_counts(counts: list[int], n: int) -> list[int]:
+    """How many of each class a stratified draw of `n` takes: the class proportions, the largest
+    remainders filling the rest (ties to the earlier class)."""
+    total = sum(counts)
+    exact = [c * n / total for c in counts]
+    take = [int(e) for e in exact]
+    order = sorted(range(len(counts)), key=lambda i: take[i] - exact[i])
+    for i in order[: n - sum(take)]:
+        take[i] += 1
+    return take
+
+
+def train_counts(name: str, classes: list[int], val_size: int, train_limit: int | None
+                 ) -> list[int]:
+    """Images per class of a run's training split (after its validation split and
+    `data.train_limit`), from the data set's published counts: the bound that
+    `data.labels_per_class` is checked against before any data is read."""
+    counts = [TRAIN_COUNTS[Dataset(name)][c] for c in classes]
+    n_val = round(val_size * sum(counts) / N_TRAIN)
+    train = [c - v for c, v in zip(counts, stratified_counts(counts, n_val), strict=True)]
+    return stratified_counts(train, min(train_limit, sum(train))) if train_limit else train
 
 
 def test_size(name: str, classes: list[int], limit: int | None) -> int:

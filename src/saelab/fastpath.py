@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from saelab.progress import Meter
+from saelab.schema import Optimizer
 
 log = logging.getLogger("saelab")
 
@@ -26,7 +27,8 @@ LossFn = Callable[[Tensor, Tensor | None], Tensor]
 # Eager steps on a side stream before capture, so that lazy state (Adam's moments, cuBLAS
 # workspaces, compiled kernels) exists before the graph records addresses; undone afterwards.
 WARMUP_STEPS = 3
-GRAPH_OPTIMIZERS = ("adam", "adamw")  # capturable, with the learning rate read from a tensor
+# Capturable, with the learning rate read from a tensor.
+GRAPH_OPTIMIZERS = (Optimizer.adam, Optimizer.adamw)
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # set by Lightning when imported
 
 
@@ -190,7 +192,7 @@ class FastPath(pl.Callback):
         if trainer.precision != "32-true":
             return "trainer.precision=32-true"
         if stage.cfg.optimizer not in GRAPH_OPTIMIZERS:
-            return f"optimizer in {GRAPH_OPTIMIZERS}"
+            return f"optimizer in {', '.join(GRAPH_OPTIMIZERS)}"
         return None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

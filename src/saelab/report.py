@@ -11,7 +11,6 @@ import argparse
 import io
 import logging
 import math
-import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,14 +28,13 @@ from saelab.evaluation import in_chunks
 from saelab.loader import PRETRAINED, Run
 from saelab.loggers import REPORT_SUFFIX, log_figure, make_logger
 from saelab.modules import AutoencoderModule
-from saelab.runfolder import OVERRIDES, RunFolder
+from saelab.runfolder import FIGURES, OVERRIDES, REPORT, RunFolder
 from saelab.schema import Codes
 from saelab.signals import STOP
 from saelab.stages import plan
 
 log = logging.getLogger("saelab")
 
-FIGURES = "figures"
 EMBEDDING_STEP = 0  # the projector's folder in the TensorBoard log, replaced with the report
 DEFAULT_SAMPLES = 10
 
@@ -219,38 +217,42 @@ def markdown_report(run, figures: list[Picture]) -> str:
     return "\n".join(lines)
 
 
-def build_report(run: Run) -> Path:
+def build_report(run: Run, folder: RunFolder) -> Path:
     """Write figures/*.png, the same images and the code embedding in the run's logger, and
-    report.md for `run`; return the path of report.md."""
+    report.md for `run` into `folder` (whose lock the caller holds); return report.md's path."""
     settings = run.cfg.visualize
-    out_dir = run.dir / FIGURES
-    out_dir.mkdir(exist_ok=True)
     logger = make_logger(run.cfg, run.dir, report=True,
                          mlflow_run_id=run.metrics.get("mlflow_run_id"))
     tensorboard = isinstance(logger, TensorBoardLogger)
     if tensorboard:  # the previous report's event file and projector, replaced
-        log_dir = Path(logger.log_dir)
-        for old in log_dir.glob(f"events.out.tfevents.*{REPORT_SUFFIX}"):
-            old.unlink()
-        shutil.rmtree(log_dir / f"{EMBEDDING_STEP:05d}", ignore_errors=True)
-        (log_dir / "projector_config.pbtxt").unlink(missing_ok=True)
+        log_dir = Path(logger.log_dir).relative_to(run.dir)
+        for rel in folder.owned_files() & folder.files_under(str(log_dir)):
+            name = Path(rel).name
+            if name.endswith(REPORT_SUFFIX) or name == "projector_config.pbtxt" or \
+                    Path(rel).parent.name == f"{EMBEDDING_STEP:05d}":
+                (run.dir / rel).unlink()
+    before = folder.logger_files()
     done = []
     for picture in pictures(run, settings):
         STOP.check()
         rgb = vis.render(picture.figure)
         png = io.BytesIO()
         imsave(png, rgb, format="png")
-        (out_dir / picture.file).write_bytes(png.getvalue())
-        log_figure(logger, picture.tag, rgb, out_dir / picture.file)
+        rel = f"{FIGURES}/{picture.file}"
+        if (run.dir / rel).exists() and rel not in folder.owned_files():
+            log.warning("report: %s is not saelab's; left as it is", rel)
+            continue
+        folder.write(rel, png.getvalue())
+        log_figure(logger, picture.tag, rgb, run.dir / rel)
         picture.figure = None
         done.append(picture)
     if tensorboard and settings.embedding_points:
         log_embedding(logger, run, settings.embedding_points)
     logger.finalize("success")
-    path = run.dir / "report.md"
-    path.write_text(markdown_report(run, done))
-    log.info("report: %s (%d figures in %s)", path, len(done), out_dir)
-    return path
+    folder.claim_logger_files(before)
+    folder.write(REPORT, markdown_report(run, done))
+    log.info("report: %s (%d figures in %s)", run.dir / REPORT, len(done), run.dir / FIGURES)
+    return run.dir / REPORT
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -263,11 +265,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        holder = RunFolder(Path(args.run_dir)).in_use()
+        if holder is not None:
+            raise ConfigError("RUN_DIR", args.run_dir, f"is in use by {holder}; wait for it")
         run = load_run(args.run_dir)
         folder = RunFolder(run.dir)
         folder.lock()  # the report writes into the folder: no run may be writing there
         try:
-            build_report(run)
+            build_report(run, folder)
         finally:
             folder.unlock()
     except ConfigError as exc:

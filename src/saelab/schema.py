@@ -15,6 +15,7 @@ heavy import.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_dataclass
 from enum import StrEnum
 from typing import Any
@@ -375,6 +376,15 @@ def leaves(cls: type = Config, prefix: str = "") -> list[Key]:
             out += leaves(type(default), f"{path}.")
         else:
             out.append(Key(path, f.type, default, f.metadata["doc"], f.metadata["bounds"]))
+    return out
+
+
+def followers() -> dict[str, list[str]]:
+    """The keys whose default follows another key's value (`${finetune.lr}`), by that key."""
+    out: dict[str, list[str]] = {}
+    for k in leaves():
+        if isinstance(k.default, str) and re.fullmatch(r"\$\{[\w.]+\}", k.default):
+            out.setdefault(k.default[2:-1], []).append(k.path)
     return out
 
 

@@ -2,6 +2,10 @@
 training step loop reads between optimiser steps, a plain attribute read with no host sync, so a
 run stops within a step and keeps everything it finished.
 
+saelab uses this rather than Lightning's own SIGTERM handling, which only acts between Lightning
+steps (a saelab Lightning step is a chunk of many optimiser steps) and ends the fit with exit code 0
+as if it had finished; a stop here is recorded in metrics.json and exits 128 + the signal.
+
 `handled()` installs the handlers for the length of a run and restores the caller's afterwards
 (a notebook keeps its own). A second signal of the same kind while stopping falls back to the
 default behaviour, so a stuck run can still be killed.

@@ -259,10 +259,10 @@ def plot(path: Path, sweep_groups: list[Group], key: str, others: list[str],
     plt.close(fig)
 
 
-def write_summary(sweep_dir: Path) -> list[Path]:
+def write_summary(sweep_dir: Path) -> tuple[list[Path], list[JobRow]]:
     """Write `summary.csv` (every job, every override, raw numbers), `summary.md` (the overrides
     that vary, percentages, statistics over seeds), `summary_seeds.csv` and, when a number is
-    swept, `summary.png` into `sweep_dir`; return the paths written."""
+    swept, `summary.png` into `sweep_dir`; return the paths written and the jobs' rows."""
     rows = collect(sweep_dir)
     order = column_order(rows)
     cols = columns(order)
@@ -305,12 +305,18 @@ def write_summary(sweep_dir: Path) -> list[Path]:
         written.append(png)
     md_path = sweep_dir / "summary.md"
     md_path.write_text("\n".join(lines) + "\n")
-    return [*written, md_path]
+    return [*written, md_path], rows
 
 
 class SweepSummary(Callback):
-    """Hydra callback: write the sweep summary when a multirun ends."""
+    """Hydra callback: write the sweep summary when a multirun ends, and keep which jobs failed
+    (whatever process ran them), for the sweep's exit status."""
+
+    jobs: int = 0
+    failed: list[str] = []
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        paths = write_summary(Path(config.hydra.sweep.dir))
+        paths, rows = write_summary(Path(config.hydra.sweep.dir))
+        SweepSummary.jobs = len(rows)
+        SweepSummary.failed = [row.job for row in rows if row.error is not None]
         print(f"saelab: sweep summary in {', '.join(str(p) for p in paths)}")
