@@ -16,6 +16,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from importlib.resources import files
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from saelab.config import (
 from saelab.errors import ConfigError, Interrupted, NonFiniteLossError
 from saelab.runfolder import RunFolder
 from saelab.schema import Logger, Strategy, register
-from saelab.signals import STOP
+from saelab.signals import STOP, install, sweep_handled
 from saelab.sweep import SweepSummary
 
 log = logging.getLogger("saelab")
@@ -124,9 +125,10 @@ def task(overrides: list[str]) -> tuple[str, ...]:
     return tuple(o for o in overrides if not o.lstrip("+~").startswith("hydra"))
 
 
-def front_door(multirun: bool, overrides: list[str]) -> list[str]:
+def front_door(multirun: bool, overrides: list[str]) -> tuple[list[str], bool]:
     """Check every job's config (and keep it in CHECKED); return the overrides to hand Hydra (a
-    resumed run's folder pinned with `hydra.run.dir`). Raises ConfigError."""
+    resumed run's folder pinned with `hydra.run.dir`) and whether it is a sweep. Raises
+    ConfigError."""
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as exc:  # noqa: BLE001 - Hydra's grammar errors, made one line
@@ -142,9 +144,9 @@ def front_door(multirun: bool, overrides: list[str]) -> list[str]:
         prepare([job])
         CHECKED[task(overrides)] = job, recorded
         if job.resume is not None:
-            return [*overrides, f"hydra.run.dir={Path(job.resume).expanduser().resolve()}"]
+            return [*overrides, f"hydra.run.dir={Path(job.resume).expanduser().resolve()}"], False
         check_folder("hydra.run.dir", hydra_node.run.dir)
-        return overrides
+        return overrides, False
     if cfg.resume is not None:
         raise ConfigError("resume", cfg.resume, "continues one run: not in a multirun (-m)")
     if is_optuna(cfg) and cfg.hydra.sweeper.n_trials < 1:
@@ -163,7 +165,7 @@ def front_door(multirun: bool, overrides: list[str]) -> list[str]:
     check_folder("hydra.sweep.dir", cfg.hydra.sweep.dir)
     if not is_optuna(cfg):  # the very jobs Hydra will run (an Optuna search's are drawn as it goes)
         CHECKED.update({key: (job, list(key)) for key, job in jobs.items()})
-    return overrides
+    return overrides, True
 
 
 def prepare(jobs: list[DictConfig]) -> None:
@@ -208,16 +210,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     register()
     args = get_args_parser().parse_args(argv)
+    sweep = False
     if not (args.hydra_help or args.shell_completion or args.info or is_data_parallel_child()):
         try:
-            checked = front_door(args.multirun, args.overrides)
+            checked, sweep = front_door(args.multirun, args.overrides)
         except ConfigError as exc:
             print(f"saelab: error: {exc}", file=sys.stderr)
             sys.exit(2)
         argv = [a for a in argv if a not in args.overrides] + checked
     quiet()
     sys.argv = [sys.argv[0], *argv]
-    hydra_main()
+    with sweep_handled() if sweep else nullcontext():
+        hydra_main()
     if STOP.signum is not None:  # a sweep stopped by a signal: its summary is written
         sys.exit(128 + STOP.signum)
     failed = SweepSummary.failed
@@ -243,6 +247,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
     start = STARTED if not in_multirun() else time.perf_counter()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    if in_multirun():  # a stop request between jobs must not kill a launcher's worker
+        install()
     if STOP.signum is not None:  # a sweep after a stop request: the remaining jobs do not run
         RunFolder(run_dir).discard()  # the folder Hydra made for it, with its empty log
         return None

@@ -23,7 +23,7 @@ import numpy as np
 
 from saelab.datafiles import IMAGES_MAGIC, check_idx, read_idx
 from saelab.errors import ConfigError
-from saelab.loader import PRETRAINED, Run, load_run
+from saelab.loader import PRETRAINED, Run, find_device, load_run
 
 SPLITS = ("train", "val", "test")
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         start = time.perf_counter()
-        run = load_run(args.run_dir, args.device)
+        run = load_run(args.run_dir, find_device(args.device, "--device"))
         layer = args.layer if args.layer is not None else len(run.autoencoders)
         out = args.out or Path(f"{run.dir.name}_layer{layer}_{args.stack}.npz")
         if args.out is None and out.resolve().is_relative_to(run.dir):
@@ -86,8 +86,11 @@ def main(argv: list[str] | None = None) -> None:
                 x, y = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
                 arrays |= outputs(run, split, x, layer, args.stack, True)
                 arrays[f"labels_{split}"] = y.cpu().numpy()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, **arrays)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(out, **arrays)
+        except OSError as exc:
+            raise ConfigError("--out", str(out), f"cannot be written ({exc.strerror})") from None
     except ConfigError as exc:
         print(f"saelab-encode: error: {exc}", file=sys.stderr)
         sys.exit(2)

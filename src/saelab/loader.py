@@ -122,8 +122,21 @@ class Run:
         return self.predict_proba(images, model, scaled).argmax(1)
 
 
+def find_device(device: str | torch.device | None, key: str = "device") -> torch.device:
+    """`device` (default: the CPU) if this machine has it, else ConfigError naming `key`."""
+    try:
+        found = torch.device(device if device is not None else "cpu")
+        torch.empty(0, device=found)
+    except (RuntimeError, AssertionError) as exc:  # a bad name, or CUDA absent
+        reason = str(exc).strip().splitlines()[0][:80]
+        raise ConfigError(key, str(device), f"not a device of this machine ({reason}); e.g. "
+                          "cpu, cuda, cuda:1") from None
+    return found
+
+
 def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> Run:
     """A finished run read from its folder, without writing anything (see the module's doc)."""
+    device = find_device(device)
     path = Path(run_dir).expanduser().resolve()
     cfg = load_saved(path)
     validate(cfg, files=False)
@@ -136,7 +149,6 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> R
     if checksums is None:
         raise ConfigError("RUN_DIR", str(run_dir), "was written before fingerprints (saelab 0.1) "
                           "or is damaged: metrics.json records no data checksums")
-    device = torch.device(device) if device is not None else torch.device("cpu")
     want = expected(cfg, checksums)
     saved = folder.finished(want)
     ex = Experiment(cfg, device)

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from saelab.config import check_folder
 from saelab.data import PIXEL_SCALES
 from saelab.errors import ConfigError
-from saelab.loader import load_run
+from saelab.loader import find_device, load_run
 from saelab.modules import corrupt
 from saelab.schema import Noise, Pixels
 
@@ -124,11 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="where to evaluate (cpu, cuda, cuda:1)")
     args = parser.parse_args(argv)
     try:
-        rows = measure(args.run_dirs, args.device)
+        rows = measure(args.run_dirs, find_device(args.device, "--device"))
+        check_folder("--out", args.out)
     except ConfigError as exc:
         print(f"saelab-robustness: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / "robustness.csv")
     plot(rows, args.out / "robustness.png")
     for r in rows:

@@ -111,8 +111,10 @@ class Logger(StrEnum):
     mlflow = "mlflow"
 
 
-# Lightning's precision settings that saelab runs with (a free-form string in Lightning).
-PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+# Lightning's precision settings that saelab runs with (a free-form string in Lightning). The
+# splits stay float32 tensors on the device, which autocast (the mixed settings) reads; Lightning's
+# "-true" half and double settings would cast the networks only, and each step would fail.
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 
 
 # ---------------------------------------------------------------------------------------------
