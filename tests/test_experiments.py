@@ -159,7 +159,8 @@ def test_multirun_summary_has_one_row_per_job_sorted_by_val_acc(sweep_2x1):
 def test_failing_job_is_a_row_and_the_sweep_goes_on(tmp_path):
     sweep = tmp_path / "sweep"
     proc = multirun(sweep, *SMALL, "pretrain.optimizer=sgd", "pretrain.lr=1e12,1e-3")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # a sweep's exit status is its jobs'
+    assert proc.stderr.strip().splitlines()[-1].startswith("saelab: 1 of 2 jobs failed: 0 ")
     rows, md = read_summary(sweep)
     assert [float(r["pretrain.lr"]) for r in rows] == [1e-3, 1e12]  # the failed job last
     good, broken = rows
