@@ -72,6 +72,19 @@ def corrupt(x: torch.Tensor, kind: str, level: float, background: float) -> torc
     raise ValueError(f"unknown corruption {kind!r}")
 
 
+def translate(x: torch.Tensor, shift: int, background: float) -> torch.Tensor:
+    """Each 28 x 28 image of `x` (rows of 784) moved by a random whole number of pixels, up to
+    `shift` each way, the uncovered border filled with the background."""
+    n, side = len(x), 28
+    padded = F.pad(x.view(n, side, side), (shift,) * 4, value=background)
+    dy, dx = (torch.randint(0, 2 * shift + 1, (n, 1), device=x.device) for _ in range(2))
+    rows = torch.arange(side, device=x.device) + dy  # n x 28: each image's window
+    cols = torch.arange(side, device=x.device) + dx
+    out = padded[torch.arange(n, device=x.device)[:, None, None], rows[:, :, None],
+                 cols[:, None, :]]
+    return out.reshape(n, side * side)
+
+
 def kl_sparsity(codes: torch.Tensor, target: float, low: float) -> torch.Tensor:
     """Sum over units of KL(target || mean activation), activations mapped from [low, 1] to
     [0, 1] so that tanh and sigmoid units share one definition."""
@@ -98,6 +111,8 @@ class StageModule(pl.LightningModule):
         self._loss_sum: torch.Tensor | None = None
         self._steps = 0
         self._val_sums: list[torch.Tensor] = []
+        self.kept: dict = {}  # the check whose weights were kept (KeepBest)
+        self.beside: dict = {}  # selection on the whole validation split (KeepBestOn)
         # Eager optimiser steps; the FastPath callback picks each fit's loop (graphs on a GPU).
         self.step_loop = StepLoop(self.loss, self.manual_backward, meter=self.meter)
 
@@ -155,6 +170,15 @@ class StageModule(pl.LightningModule):
         if not self.trainer.sanity_checking:
             self.log(self.monitor, sums[0] / sums[1], logger=False)
 
+    @torch.no_grad()
+    def score(self, batches) -> float | None:
+        """The validation metric on `batches` now, outside Lightning's loop (None: no data)."""
+        sums = [torch.stack(self.evaluate(*batch)) for batch in batches]
+        if not sums:
+            return None
+        total = torch.stack(sums).sum(0)
+        return float(total[0] / total[1])
+
 
 class AutoencoderModule(StageModule):
     """Greedy pretraining of one layer: reconstruct the (clean) input from a possibly corrupted
@@ -210,22 +234,30 @@ class ClassifierModule(StageModule):
     """Cross-entropy training of `model` = Sequential(body, head); the body's learning rate is
     scaled by `encoder_lr_scale` (the course notebook's idea to spare the pretrained features).
     With `dropout` (its `input` and `hidden` rates: fine-tuning, scratch), the training loss drops
-    inputs and hidden units; the network itself has no dropout layer, so evaluation and saved
-    weights are as without."""
+    inputs and hidden units; with `shift`, it sees each image translated at random by up to that
+    many pixels. The network itself has no dropout layer, so evaluation and saved weights are as
+    without."""
 
     def __init__(self, model: nn.Sequential, cfg, label: str, tag: str,
-                 encoder_lr_scale: float = 1.0, dropout=None):
+                 encoder_lr_scale: float | None = None, dropout=None, shift: int = 0,
+                 background: float = -1.0):
         super().__init__(model, cfg, label, tag)
         self.encoder_lr_scale = encoder_lr_scale
         self.p_input = dropout.input if dropout else 0.0
         self.p_hidden = dropout.hidden if dropout else 0.0
+        self.shift, self.background = shift, background
+
+    def augmented(self, x: torch.Tensor) -> torch.Tensor:
+        return translate(x, self.shift, self.background) if self.shift else x
 
     def param_groups(self) -> list[dict]:
         body, head = self.model[0], self.model[1]
         groups = [{"params": list(head.parameters())}]
         body_params = [p for p in body.parameters() if p.requires_grad]
         if body_params:
-            groups.append({"params": body_params, "lr_scale": self.encoder_lr_scale})
+            scale = self.encoder_lr_scale
+            groups.append({"params": body_params,
+                           **({"lr_scale": scale} if scale is not None else {})})
         return groups
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,13 +273,45 @@ class ClassifierModule(StageModule):
         return self.model[1](x)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(x), y)
+        return F.cross_entropy(self.logits(self.augmented(x)), y)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """Number of correct predictions and of samples."""
         correct = (self.model(x).argmax(1) == y).sum().float()
         return [correct, torch.tensor(float(len(y)), device=x.device)]
+
+
+class SemisupModule(ClassifierModule):
+    """Fine-tuning that also learns from unlabelled images, through the network's own confident
+    predictions (pseudo-labels, Lee 2013): each step adds, to the labelled minibatch's loss, the
+    cross-entropy of an unlabelled minibatch, perturbed (translated, masked, dropped out), against
+    the classes the network predicts for the same images clean, where it is at least `threshold`
+    sure (FixMatch's weak and strong views, Sohn et al. 2020). That loss's weight rises from 0 to
+    `weight` over the first `ramp` of the `steps`. The unlabelled images come without labels: the
+    module never holds one."""
+
+    def __init__(self, model: nn.Sequential, cfg, label: str, tag: str, unlabelled: torch.Tensor,
+                 steps: int, **kwargs):
+        super().__init__(model, cfg, label, tag, **kwargs)
+        self.unlabelled = unlabelled
+        # Plain Python copies of what the loss reads at every step.
+        self.u_batch, self.threshold = cfg.unlabelled_batch_size, cfg.threshold
+        self.weight, self.noise = cfg.weight, cfg.noise
+        self.ramp_steps = max(cfg.ramp * steps, 1.0)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        labelled = super().loss(x, y)
+        pool = self.unlabelled
+        u = pool[torch.randint(len(pool), (self.u_batch,), device=pool.device)]
+        with torch.no_grad():
+            confidence, pseudo = self.model(u).softmax(1).max(1)
+            counts = (confidence >= self.threshold).float()
+        student = corrupt(self.augmented(u), Noise.masking, self.noise, self.background)
+        unlabelled = (F.cross_entropy(self.logits(student), pseudo, reduction="none")
+                      * counts).mean()
+        weight = self.weight * min(1.0, self.meter.steps / self.ramp_steps)
+        return labelled + weight * unlabelled
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,24 +336,60 @@ class EpochRecord(pl.Callback):
 
 
 class KeepBest(pl.Callback):
-    """Keep the weights of the best validation epoch in memory and load them when the fit ends
-    (model selection on validation only; without a validation split, the last epoch's)."""
+    """Keep the weights of the best validation check in memory and load them when the fit ends
+    (model selection on validation only; without a validation split, the last epoch's). The
+    first check comes before any training: the weights a stage starts from compete too."""
 
     def __init__(self):
         self.best: float | None = None
+        self.epoch = 0  # of the best check (0: before training)
         self.state: dict | None = None
+
+    def consider(self, score: float, stage: StageModule, epoch: int) -> None:
+        if self.best is None or (score > self.best if stage.mode == "max" else score < self.best):
+            self.best, self.epoch = score, epoch
+            self.state = {k: v.detach().clone() for k, v in stage.model.state_dict().items()}
+
+    def on_train_start(self, trainer: pl.Trainer, stage: StageModule) -> None:
+        score = stage.score(trainer.val_dataloaders or [])
+        if score is not None:
+            stage.history.append({"epoch": 0, stage.monitor: score})
+            self.consider(score, stage, 0)
 
     def on_validation_end(self, trainer: pl.Trainer, stage: StageModule) -> None:
         if trainer.sanity_checking or stage.monitor not in trainer.callback_metrics:
             return
-        score = float(trainer.callback_metrics[stage.monitor])
-        if self.best is None or (score > self.best if stage.mode == "max" else score < self.best):
-            self.best = score
-            self.state = {k: v.detach().clone() for k, v in stage.model.state_dict().items()}
+        self.consider(float(trainer.callback_metrics[stage.monitor]), stage,
+                      stage.current_epoch + 1)
 
     def on_fit_end(self, trainer: pl.Trainer, stage: StageModule) -> None:
+        stage.kept = {"epoch": self.epoch, stage.monitor: self.best}
         if self.state is not None:
             stage.model.load_state_dict(self.state)
+
+
+class KeepBestOn(KeepBest):
+    """Selection on another validation set (the whole validation split), reported beside and
+    never used: the accuracy of its best check there, and the test accuracy of those weights
+    (`stage.beside`). The stage's own weights stay those its validation chose."""
+
+    def __init__(self, val, test):
+        super().__init__()
+        self.val, self.test = val, test
+
+    def on_train_start(self, trainer: pl.Trainer, stage: StageModule) -> None:
+        self.consider(stage.score(self.val), stage, 0)
+
+    def on_validation_end(self, trainer: pl.Trainer, stage: StageModule) -> None:
+        if not trainer.sanity_checking:
+            self.consider(stage.score(self.val), stage, stage.current_epoch + 1)
+
+    def on_fit_end(self, trainer: pl.Trainer, stage: StageModule) -> None:
+        own = {k: v.detach().clone() for k, v in stage.model.state_dict().items()}
+        stage.model.load_state_dict(self.state)
+        stage.beside = {"epoch": self.epoch, "val_acc": self.best,
+                        "test_acc": stage.score(self.test)}
+        stage.model.load_state_dict(own)
 
 
 class EvalBatches:

@@ -6,18 +6,22 @@ from-scratch control) or take it from a checkpoint, recording each as it finishe
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from saelab.data import Minibatches, load_splits
 from saelab.modules import EvalBatches
-from saelab.progress import ProgressDisplay
+from saelab.progress import Estimator, ProgressDisplay
 from saelab.runfolder import RunFolder
 from saelab.runner import Runner
-from saelab.stages import Expected, Experiment, expected
+from saelab.stages import Expected, Experiment, Stage, expected
 
 # Lightning's start-up chatter (accelerator report, tips) hides the experiment's own log lines.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
@@ -26,6 +30,7 @@ log = logging.getLogger("saelab")
 
 # What the pipeline reports to as it goes: a part's name and what metrics.json gets for it.
 Record = Callable[..., None]
+REPEATS = 5  # timed steps of the device's rate
 
 
 def run_experiment(cfg: DictConfig, folder: RunFolder, device: torch.device, record: Record,
@@ -46,22 +51,47 @@ def run_experiment(cfg: DictConfig, folder: RunFolder, device: torch.device, rec
     log.info("data from %s: %d train / %d val / %d test images, %d / %d of them labelled",
              data.source, len(data.train_y), len(data.val_y), len(data.test_y), len(y),
              len(val_y))
-    progress = ProgressDisplay(cfg.progress if folder.writer else "lines", work(ex, want))
+    progress = ProgressDisplay(cfg.progress if folder.writer else "lines",
+                               estimator(ex, want, device))
     runner = Runner(cfg, folder, want, usable, device, logger, progress)
     record("data", data=data.summary())
     try:
         for name, exp in want.items():
             stage, s = exp.stage, exp.settings
-            train_x, train_y, val_x, val_y = stage.inputs(ex, s)
-            module = stage.module(ex, stage.model(ex, s).to(device), s)
-            stage.before_fit(ex, s)
-            fitted = runner.fit(module, exp, batches(cfg, train_x, train_y, s[stage.group]),
-                                EvalBatches(val_x, val_y))
-            stage.keep(ex, module.model, s)
-            record(name, **{name: {**stage.metrics(ex, module, s), **fitted}})
+            with own_stream(stage, cfg.seed):
+                train_x, train_y, val_x, val_y = stage.inputs(ex, s)
+
+                def attempt(view, stage=stage, train_x=train_x, train_y=train_y, val_x=val_x,
+                            val_y=val_y):
+                    """The stage's module and data under the settings `view`."""
+                    module = stage.module(ex, stage.model(ex, view).to(device), view)
+                    stage.before_fit(ex, view)
+                    return (module, batches(cfg, train_x, train_y, view[stage.group]),
+                            EvalBatches(val_x, val_y))
+
+                views = s.tuning(stage.group, list(s.tune.space), s.seed, s.tune.trials) \
+                    if stage.tuned else [s]
+                beside = (EvalBatches(data.val_x, data.val_y),
+                          EvalBatches(data.test_x, data.test_y)) if (
+                    stage.tuned and s.tune.full_val) else None
+                module, fitted = runner.fit(exp, attempt, views, beside)
+                stage.keep(ex, module.model, s)
+                record(name, **{name: {**stage.metrics(ex, module, s), **fitted}})
     finally:
         progress.close()
     return ex
+
+
+@contextmanager
+def own_stream(stage: Stage, seed: int) -> Iterator[None]:
+    """A stage that runs on a random stream of its own (a layer's probe), seeded from the run's
+    seed and its name: the stream of every other stage stays as if it were not there."""
+    if not stage.own_stream:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 100_003 + zlib.crc32(stage.name.encode()))
+        yield
 
 
 def batches(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor | None, settings) -> Minibatches:
@@ -72,14 +102,38 @@ def batches(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor | None, settings) 
                        steps_per_epoch=settings.steps_per_epoch)
 
 
-def work(ex: Experiment, want: dict[str, Expected]) -> dict[str, float]:
-    """Each stage's training work, steps x batch x weights of the network it trains: what the
-    progress display estimates time left from."""
-    out = {}
+def estimator(ex: Experiment, want: dict[str, Expected], device: torch.device) -> Estimator:
+    """What the progress display estimates time left from: each stage's optimiser steps (every
+    trial of a tuned stage) and the work of one (minibatch x weights of what it trains), and the
+    rate at which this device gets through work."""
+    steps, work = {}, {}
     for name, exp in want.items():
         stage, s = exp.stage, exp.settings
         settings = s[stage.group]
-        steps = Minibatches.steps(stage.n_samples(ex), settings.batch_size,
-                                  settings.steps_per_epoch)
-        out[name] = float(settings.epochs * steps * settings.batch_size * stage.weights(ex, s))
-    return out
+        trials = s.tune.trials if stage.tuned else 1
+        steps[name] = float(trials * settings.epochs * Minibatches.steps(
+            stage.n_samples(ex), settings.batch_size, settings.steps_per_epoch))
+        work[name] = float(settings.batch_size * stage.weights(ex, s))
+    return Estimator(steps, work, rate(device))
+
+
+@torch.no_grad()
+def rate(device: torch.device, batch: int = 128, d_in: int = 784, d_out: int = 196) -> float:
+    """Work (minibatch x weights) per second of one autoencoder training step here: a few timed
+    steps of a 784-196 layer, on a random stream of their own (no other number changes)."""
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        layer = nn.Linear(d_in, d_out).to(device)
+        x = torch.randn(batch, d_in, device=device)
+        opt = torch.optim.Adam(layer.parameters())
+        for repeat in range(REPEATS + 1):
+            if repeat == 1:  # the first step warms up
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                began = time.perf_counter()
+            opt.zero_grad()
+            torch.tanh(layer(x)).pow(2).mean().backward()
+            opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = (time.perf_counter() - began) / REPEATS
+    return batch * d_in * d_out / max(seconds, 1e-9)

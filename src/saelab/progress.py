@@ -5,10 +5,13 @@ every optimiser step: a counter, a read of the stop flag and, every few steps, a
 live line is redrawn at most `REDRAW_S` apart and shows what is already on the host (the last
 epoch's loss and validation metric), so drawing never waits for the device.
 
-Time left is estimated from work, not epochs: a step's work is its minibatch size times the
-weights of the network it trains (an autoencoder's encoder and decoder, a classifier's layers).
-The current stage's remainder is its remaining work at the speed it has shown so far; later stages
-at the speed the run has shown over all its training so far.
+Time left comes from measured throughput as soon as there is any. A step's time is a fixed
+overhead (Python, the optimiser's launches) plus its work (minibatch size times the weights of the
+network it trains) at the device's rate: the rate is timed on a few steps before the run (so that
+the first stage, a small linear classifier, does not set the pace of the large autoencoders
+after it), the overhead is what the steps measured so far took beyond their work, and both are
+refitted to the stages measured once two of them differ enough in work. The current stage's
+remainder is its remaining steps at the pace it has shown itself.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from saelab.signals import STOP
 log = logging.getLogger("saelab")
 
 REDRAW_S = 0.25
+REFIT_SPREAD = 4.0  # stages whose step work differs this much refit the rate to the run
 EPOCH = "saelab_epoch"  # marks a per-epoch log record
 CHECK_EVERY = 16  # steps between clock reads: a step takes 0.1 ms or more
 
@@ -69,46 +73,71 @@ def clock(seconds: float | None) -> str:
 
 @dataclass
 class Estimator:
-    """Time left, from the work of each stage still to train (see the module's docstring)."""
+    """Time left (see the module's docstring). `steps`: each stage's optimiser steps (0: taken
+    from a checkpoint); `work`: the work of one of its steps; `rate`: work per second."""
 
-    work: dict[str, float]  # stage -> total work (steps x batch x weights); 0 if not trained
-    done: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, float]
+    work: dict[str, float]
+    rate: float
+    done: dict[str, float] = field(default_factory=dict)  # steps
     seconds: dict[str, float] = field(default_factory=dict)
 
     def update(self, stage: str, done: float, seconds: float) -> None:
         self.done[stage], self.seconds[stage] = done, seconds
 
-    def speed(self, stages: list[str]) -> float | None:
-        work = sum(self.done.get(s, 0.0) for s in stages)
-        secs = sum(self.seconds.get(s, 0.0) for s in stages)
-        return work / secs if work and secs > 0 else None
+    def model(self) -> tuple[float, float] | None:
+        """(overhead seconds per step, seconds per unit of work) from the steps measured so far;
+        None before any."""
+        measured = [(self.done[s], self.seconds[s], self.work[s]) for s in self.done
+                    if self.done[s] > 0]
+        if not measured:
+            return None
+        per_work = 1.0 / self.rate
+        works = [w for _, _, w in measured]
+        if min(works) > 0 and max(works) / min(works) > REFIT_SPREAD:
+            # Least squares of step time against step work, each stage weighted by its steps.
+            n = sum(d for d, _, _ in measured)
+            mw = sum(d * w for d, _, w in measured) / n
+            mt = sum(t for _, t, _ in measured) / n
+            var = sum(d * (w - mw) ** 2 for d, _, w in measured)
+            cov = sum(d * (w - mw) * (t / d - mt) for d, t, w in measured)
+            if var > 0 and cov / var > 0 and mt - cov / var * mw >= 0:
+                per_work = cov / var
+                return mt - per_work * mw, per_work
+        overhead = sum(t - d * w * per_work for d, t, w in measured) / sum(
+            d for d, _, _ in measured)
+        return max(overhead, 0.0), per_work
+
+    def step_time(self, stage: str) -> float | None:
+        fitted = self.model()
+        return None if fitted is None else fitted[0] + fitted[1] * self.work[stage]
 
     def stage_left(self, stage: str) -> float | None:
-        left = self.work[stage] - self.done.get(stage, 0.0)
-        speed = self.speed([stage]) or self.speed(list(self.work))
-        return None if speed is None else max(left, 0.0) / speed
+        done = self.done.get(stage, 0.0)
+        left = max(self.steps[stage] - done, 0.0)
+        own = self.seconds[stage] / done if done else self.step_time(stage)
+        return None if own is None else left * own
 
     def run_left(self, stage: str) -> float | None:
         """Seconds left in `stage` and every stage after it."""
-        names = list(self.work)
-        later = sum(self.work[s] for s in names[names.index(stage) + 1:])
-        here, speed = self.stage_left(stage), self.speed(names)
-        if here is None or (later and speed is None):
-            return None
-        return here + (later / speed if later else 0.0)
+        names = list(self.steps)
+        here = self.stage_left(stage)
+        later = [self.steps[s] * t for s in names[names.index(stage) + 1:]
+                 if self.steps[s] and (t := self.step_time(s)) is not None]
+        return None if here is None else here + sum(later)
 
 
 class ProgressDisplay:
     """One run's display. `bar`: a live line per stage on `stream`; `lines`: per-epoch log lines.
     In bar mode, log records (on the same terminal) clear the line before they print."""
 
-    def __init__(self, mode: str, work: dict[str, float], stream: TextIO | None = None):
+    def __init__(self, mode: str, estimate: Estimator, stream: TextIO | None = None):
         self.stream = stream or sys.stdout
         self.bar = mode == ProgressMode.bar or (mode == ProgressMode.auto and self.stream.isatty())
-        self.estimate = Estimator(work)
+        self.estimate = estimate
+        self.offset = 0  # steps of the stage's earlier trials
         self.stage = self.label = ""
         self.epochs = self.steps_per_epoch = 0
-        self.unit = 0.0
         self.start = self._next = 0.0
         self.last: dict = {}
         self._drawn = False
@@ -131,12 +160,16 @@ class ProgressDisplay:
                 handler.removeFilter(self._filter)
 
     def begin(self, stage: str, label: str, epochs: int, steps_per_epoch: int,
-              meter: Meter) -> None:
-        """A stage starts training, `epochs` of `steps_per_epoch` optimiser steps."""
-        self.stage, self.label, self.epochs = stage, label, epochs
+              meter: Meter, part: tuple[int, int] = (0, 1)) -> None:
+        """A stage starts training, `epochs` of `steps_per_epoch` optimiser steps; `part`: which
+        of how many trials of it this is."""
+        trial, trials = part
+        self.stage, self.epochs = stage, epochs
+        self.label = label if trials == 1 else f"{label} trial {trial + 1}/{trials}"
         self.steps_per_epoch = steps_per_epoch
-        self.unit = self.estimate.work[stage] / max(epochs * steps_per_epoch, 1)
-        self.start = time.monotonic()
+        self.offset = trial * epochs * steps_per_epoch
+        if not trial:
+            self.start = time.monotonic()
         self.last = {}
         meter.steps = 0
         meter.display = self
@@ -144,11 +177,11 @@ class ProgressDisplay:
 
     def skip(self, stage: str) -> None:
         """A stage taken from a checkpoint: no work left in it."""
-        self.estimate.work[stage] = 0.0
+        self.estimate.steps[stage] = 0.0
 
     def tick(self, steps: int, force: bool = False) -> None:
         now = time.monotonic()
-        self.estimate.update(self.stage, steps * self.unit, now - self.start)
+        self.estimate.update(self.stage, self.offset + steps, now - self.start)
         if self.bar and (force or now >= self._next):
             self._next = now + REDRAW_S
             self.draw(steps, now)

@@ -14,6 +14,7 @@ import os
 import platform
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytorch_lightning as pl
@@ -25,17 +26,19 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from saelab.data import Minibatches
 from saelab.errors import Interrupted
 from saelab.fastpath import FastPath
-from saelab.modules import EvalBatches, StageModule
+from saelab.modules import EvalBatches, KeepBestOn, StageModule
 from saelab.progress import ProgressDisplay
 from saelab.runfolder import RunFolder, Store
 from saelab.schema import Accelerator
 from saelab.signals import STOP
-from saelab.stages import Expected
+from saelab.stages import Expected, View
 
 log = logging.getLogger("saelab")
 
-# What a checkpoint holds besides its fingerprint (copied as is from the store).
-CONTENTS = ("state_dict", "rng", "rng_in", "where", "seconds", "history")
+# What a stage's record holds (metrics.json), and a checkpoint besides its fingerprint (copied as
+# is from the store).
+RECORD = ("seconds", "history", "trials", "beside")
+CONTENTS = ("state_dict", "rng", "rng_in", "where", *RECORD)
 
 
 def data_device(cfg: DictConfig) -> torch.device:
@@ -83,6 +86,9 @@ def where(cfg: DictConfig, device: torch.device) -> dict:
             "cuda_graphs": cfg.fastpath.cuda_graphs, "compile": cfg.fastpath.compile}
 
 
+Attempt = Callable[[View], tuple[StageModule, Minibatches, EvalBatches]]
+
+
 @dataclass
 class Runner:
     """Trains, or takes from a checkpoint, each stage of one run."""
@@ -96,13 +102,17 @@ class Runner:
     progress: ProgressDisplay
     trained: set[str] = field(default_factory=set)
 
-    def fit(self, module: StageModule, exp: Expected, train: Minibatches,
-            val: EvalBatches) -> dict:
-        """Train `module` for the stage of `exp` or load it; return its record (seconds,
-        history, where it came from)."""
+    def fit(self, exp: Expected, attempt: Attempt, views: list[View],
+            beside: tuple[EvalBatches, EvalBatches] | None = None
+            ) -> tuple[StageModule, dict]:
+        """Train the stage of `exp` or load it; return its module and its record (seconds,
+        history, where it came from). `attempt(view)` builds the module and its data under the
+        settings `view`; with several views (a tuned stage) each is a trial from the same start,
+        and the trial whose validation check is best is kept. `beside`: the whole validation
+        split and the test set, for selection on the former, reported beside."""
         STOP.check()
         name, stage = exp.stage.name, exp.stage
-        start = rng_digest()
+        start, state = rng_digest(), rng_state()
         store = Store(self.cfg.store) if self.cfg.store else None
         saved, origin, source = self.usable.get(name), "checkpoint", self.folder.checkpoint(name)
         fresh = [c for c in stage.consumes if c in self.trained]
@@ -118,43 +128,79 @@ class Runner:
                         source)
             saved = None
         if saved is not None:
+            module = attempt(views[0])[0]
             module.model.load_state_dict(saved["state_dict"])
             module.model.to(self.device)
             restore_rng(saved["rng"])
             if origin != "checkpoint":  # the run folder stays self-contained
-                self.folder.save_stage(exp, {k: saved[k] for k in CONTENTS})
+                self.folder.save_stage(exp, {k: saved[k] for k in CONTENTS if k in saved})
             log.info("%s: loaded from %s, not retrained", stage.label, source)
             self.progress.skip(name)
-            return {"seconds": saved["seconds"], "history": saved["history"], "origin": origin,
-                    "fingerprint": exp.fingerprint}
+            return module, {**{k: saved[k] for k in RECORD if k in saved}, "origin": origin,
+                            "fingerprint": exp.fingerprint}
         began = time.perf_counter()
-        if module.cfg.epochs > 0:
-            self.train(module, name, train, val)
-        module.model.to(self.device)  # Lightning's teardown leaves it on the CPU
+        module, trials = None, []
+        for t, view in enumerate(views):
+            if t:  # every trial from the same start
+                restore_rng(state)
+            candidate, train, val = attempt(view)
+            if candidate.cfg.epochs > 0:
+                self.train(candidate, name, train, val, beside, (t, len(views)))
+            candidate.model.to(self.device)  # Lightning's teardown leaves it on the CPU
+            if len(views) > 1:
+                trials.append(self.trial(candidate, view, beside))
+                log.info("%s: trial %d/%d, validation %s", stage.label, t + 1, len(views),
+                         trials[-1]["kept"])
+            if module is None or better(candidate, module):
+                module = candidate
         record = {"seconds": time.perf_counter() - began, "history": module.history}
+        if trials:
+            record |= {"trials": trials, "beside": max(
+                (t["beside"] for t in trials if t["beside"]), default={},
+                key=lambda b: b["val_acc"])}
         path = self.folder.save_stage(exp, {"state_dict": module.model.state_dict(),
                                             "rng": rng_state(), "rng_in": start,
                                             "where": where(self.cfg, self.device), **record})
         if store is not None and self.folder.writer:
             store.put(path, exp)
         self.trained.add(name)
-        return {**record, "origin": "trained", "fingerprint": exp.fingerprint}
+        return module, {**record, "origin": "trained", "fingerprint": exp.fingerprint}
 
-    def train(self, module: StageModule, name: str, train: Minibatches, val: EvalBatches) -> None:
-        """One Lightning fit of `module`: `epochs` of its minibatches, validated after each."""
+    @staticmethod
+    def trial(module: StageModule, view: View, beside) -> dict:
+        """A trial's record: the settings it drew, its kept check, and (reported, never used)
+        its test accuracy and its selection on the whole validation split."""
+        return {"settings": view.drawn, "kept": module.kept,
+                "test_acc": module.score(beside[1]) if beside else None,
+                "beside": {**module.beside, "trial": view.trial} if module.beside else {}}
+
+    def train(self, module: StageModule, name: str, train: Minibatches, val: EvalBatches,
+              beside: tuple[EvalBatches, EvalBatches] | None = None,
+              part: tuple[int, int] = (0, 1)) -> None:
+        """One Lightning fit of `module`: `epochs` of its minibatches, validated after each.
+        `part`: which of how many trials of the stage it is."""
         trainer = pl.Trainer(
             accelerator=self.cfg.trainer.accelerator, devices=self.cfg.trainer.devices,
             strategy=self.cfg.trainer.strategy, precision=self.cfg.trainer.precision,
             max_epochs=module.cfg.epochs, logger=self.logger or False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             num_sanity_val_steps=0, log_every_n_steps=1,
-            callbacks=[FastPath.from_config(self.cfg.fastpath)],
+            callbacks=[FastPath.from_config(self.cfg.fastpath),
+                       *([KeepBestOn(*beside)] if beside else [])],
             limit_val_batches=None if len(val) else 0)
         train.shard(trainer.global_rank, trainer.world_size)
-        self.progress.begin(name, module.label, module.cfg.epochs, train.n_steps,
-                            module.meter)
+        self.progress.begin(name, module.label, module.cfg.epochs, train.n_steps, module.meter,
+                            part)
         module.model.train()
         try:
             trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
         except SIGTERMException:  # Lightning saw the SIGTERM first (between steps): ours
             raise Interrupted(STOP.signum or signal.SIGTERM) from None
+
+
+def better(a: StageModule, b: StageModule) -> bool:
+    """Whether trial `a`'s kept validation check beats trial `b`'s (ties: the earlier trial)."""
+    x, y = a.kept.get(a.monitor), b.kept.get(b.monitor)
+    if x is None or y is None:
+        return False
+    return x > y if a.mode == "max" else x < y

@@ -79,6 +79,22 @@ class Sparsity(StrEnum):
     l1 = "l1"
 
 
+class HeadInit(StrEnum):
+    """How a deep network's classifier head starts, the same rule for every one of them."""
+
+    probe = "probe"  # a linear head trained on the frozen stack it tops (scratch: its own)
+    zero = "zero"
+    random = "random"  # the probe's initial head: one draw, shared
+
+
+class Arm(StrEnum):
+    """The stages a tuned study compares, each tuned with the same budget."""
+
+    finetune = "finetune"
+    scratch = "scratch"
+    semisup = "semisup"
+
+
 class Accelerator(StrEnum):
     auto = "auto"
     cpu = "cpu"
@@ -162,6 +178,10 @@ class ModelConfig:
                            "code; one autoencoder per consecutive pair", gt=0)
     activation: Activation = key(Activation.tanh, "hidden units")
     tied: bool = key(False, "decoder weight = encoder weight transposed (own bias)")
+    head: HeadInit = key(HeadInit.probe, "how the deep networks' classifier head starts, one "
+                         "rule for fine-tuning, scratch and semi-supervised: probe (a linear head "
+                         "trained on the frozen stack it tops), zero, or random (the probe's "
+                         "initial head)")
 
 
 @dataclass
@@ -190,6 +210,8 @@ class NoiseConfig:
                        ge=0)
     levels: list[float] | None = key(None, "one level per layer, bottom first, replacing level",
                                      ge=0)
+    validation: bool = key(False, "select each layer's epoch (and stop early) on corrupted "
+                           "validation inputs (one fixed draw): the denoising objective itself")
 
 
 @dataclass
@@ -222,22 +244,33 @@ class DropoutConfig:
 
 
 @dataclass
+class AugmentConfig:
+    shift: int = key(0, "translate each labelled training image by up to this many pixels, at "
+                     "random (background-padded)", ge=0, le=4)
+
+
+@dataclass
 class FinetuneConfig(StageConfig):
     epochs: int = key(30, "epochs (the weights of the best validation epoch are kept)", ge=0)
     encoder_lr_scale: float = key(1.0, "learning-rate multiplier of the encoders (the "
                                   "notebook's idea to spare pretrained features)", ge=0)
     dropout: DropoutConfig = key(DropoutConfig(), "dropout")
+    augment: AugmentConfig = key(AugmentConfig(), "data augmentation of the labelled images")
 
 
 def following(cls: type, leader: str, name: str, doc: str, drop: tuple[str, ...] = (),
-              docs: dict[str, str] | None = None) -> type:
+              docs: dict[str, str] | None = None, own: dict[str, tuple[type, Any]] | None = None
+              ) -> type:
     """A config class with every key of `cls` but `drop`, each defaulting to the same key of the
     group `leader` (`${leader.key}`), nested groups key by key: a key added to `cls` follows
-    without a second class to edit. `docs`: descriptions that differ from `cls`'s."""
-    docs = docs or {}
+    without a second class to edit. `docs`: descriptions that differ from `cls`'s; `own`: keys
+    with a type and default (`key(...)`) of their own, replacing or added."""
+    docs, own = docs or {}, own or {}
     out = []
     for f in fields(cls):
-        if f.name in drop:
+        if f.name in own:
+            out.append((f.name, *own[f.name]))
+        if f.name in drop or f.name in own:
             continue
         default = f.default if f.default is not MISSING else f.default_factory()
         text = docs.get(f.name, f.metadata["doc"])
@@ -248,6 +281,7 @@ def following(cls: type, leader: str, name: str, doc: str, drop: tuple[str, ...]
         else:
             out.append((f.name, f.type, key(II(f"{leader}.{f.name}"), text,
                                             **f.metadata["bounds"])))
+    out += [(k, *typed) for k, typed in own.items() if k not in {f.name for f in fields(cls)}]
     made = make_dataclass(name, out)
     made.__module__, made.__doc__ = __name__, doc  # where its types' names resolve
     return made
@@ -260,6 +294,41 @@ ScratchConfig = following(FinetuneConfig, "finetune", "ScratchConfig",
                           "The fine-tuned network trained from random weights: the control.",
                           drop=("encoder_lr_scale",),
                           docs={"epochs": "epochs (0: no scratch stage)"})
+
+# Semi-supervised fine-tuning: fine-tuning that also learns from the unlabelled training images,
+# through its own confident predictions (pseudo-labels, Lee 2013; with a confidence threshold and
+# a perturbed student input as in FixMatch, Sohn et al. 2020). Off unless `semisup.epochs` > 0;
+# every other optimisation key follows fine-tuning's.
+SemisupConfig = following(
+    FinetuneConfig, "finetune", "SemisupConfig",
+    "Fine-tuning that also learns from the unlabelled images, through pseudo-labels.",
+    own={"epochs": (int, key(0, "epochs (0: no semi-supervised stage)", ge=0)),
+         "unlabelled_batch_size": (int, key(128, "unlabelled images per step", gt=0)),
+         "threshold": (float, key(0.95, "an unlabelled image's pseudo-label counts when the "
+                                  "network's clean prediction is this confident (0: always, as "
+                                  "Lee 2013)", ge=0, le=1)),
+         "weight": (float, key(1.0, "weight of the pseudo-label loss, once ramped up", ge=0)),
+         "ramp": (float, key(0.2, "fraction of the training steps over which that weight rises "
+                             "from 0", ge=0, le=1)),
+         "noise": (float, key(0.2, "masking noise on the unlabelled images the network learns "
+                              "from (their pseudo-labels come from the clean ones)", ge=0,
+                              lt=1))})
+
+
+@dataclass
+class TuneConfig:
+    """Tuning each compared stage (arm) with the same budget, on validation only."""
+
+    trials: int = key(0, "trials per tuned stage, each a training from the same start (0: no "
+                      "tuning: each stage trains once with its settings)", ge=0)
+    arms: list[Arm] = key(list(Arm), "the stages tuned")
+    space: list[str] = key([], "the search space: key=sweep, the key in the stage's group (lr, "
+                           "dropout.hidden, ...), the sweep choice(a,b,...), interval(a,b), "
+                           "tag(log, interval(a,b)) or range(a,b) (b excluded). Every arm draws "
+                           "the same value of a key they share; a key an arm lacks is not drawn "
+                           "for it")
+    full_val: bool = key(True, "also report selection on the whole validation split, beside "
+                         "selection on the labelled validation images")
 
 
 @dataclass
@@ -330,6 +399,9 @@ class Config:
     finetune: FinetuneConfig = key(FinetuneConfig(), "the whole stack and head, end to end")
     scratch: ScratchConfig = key(ScratchConfig(), "the fine-tuned network trained from random "
                                  "weights: the control")
+    semisup: SemisupConfig = key(SemisupConfig(), "fine-tuning that also learns from the "
+                                 "unlabelled images (pseudo-labels)")
+    tune: TuneConfig = key(TuneConfig(), "tuning the compared stages, the same budget each")
     trainer: TrainerConfig = key(TrainerConfig(), "Lightning Trainer arguments")
     fastpath: FastpathConfig = key(FastpathConfig(), "saelab's training-step speed-ups")
     logger: LoggerConfig = key(LoggerConfig(), "experiment logger")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -29,11 +30,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from saelab.autoencoder import AutoEncoder, classifier, stack_encoders
-from saelab.data import Splits
+from saelab.data import Minibatches, Splits
 from saelab.evaluation import CHUNK, classifier_metrics, in_chunks
-from saelab.modules import AutoencoderModule, ClassifierModule, StageModule
+from saelab.modules import AutoencoderModule, ClassifierModule, SemisupModule, StageModule
 from saelab.runfolder import FORMAT
-from saelab.schema import Codes, leaves
+from saelab.schema import Arm, Codes, HeadInit, leaves
+
+log = logging.getLogger("saelab")
 
 # Keys every stage reads: which images (and with labels, which of them are labelled), and the
 # numerics that change results.
@@ -43,6 +46,7 @@ NUMERICS = ("trainer.precision", "fastpath.matmul_precision")
 # Scratch trains on a generator of its own (seeded from `seed` and this), so that adding it, or
 # its dropout, changes no other stage's numbers.
 SCRATCH_SEED = 104_729
+SEMISUP_SEED = 130_363
 
 
 def group_keys(prefix: str, *without: str) -> tuple[str, ...]:
@@ -68,6 +72,7 @@ class Experiment:
     initial: list[dict] = field(default_factory=list)  # each encoder's initial weights
     inputs: tuple[torch.Tensor, ...] = ()  # the train/val/test inputs of the last layer
     networks: dict[str, nn.Module] = field(default_factory=dict)  # by stage name
+    scores: dict[str, float | None] = field(default_factory=dict)  # validation accuracy
     head_init: dict | None = None  # the probe's head before training
 
     @property
@@ -85,10 +90,13 @@ class UndeclaredKey(AttributeError):
 
 class View:
     """The config keys a stage declares, resolved and read like the config (`view.pretrain.lr`,
-    `view.model.sizes[1]`, enums as enums); any other key is an UndeclaredKey."""
+    `view.model.sizes[1]`, enums as enums); any other key is an UndeclaredKey. (Its own names,
+    `get`, `tuning`, `drawn` and `trial`, are no config key's.)"""
 
-    def __init__(self, stage: str, values: dict[str, Any], prefix: str = ""):
+    def __init__(self, stage: str, values: dict[str, Any], prefix: str = "",
+                 drawn: dict[str, Any] | None = None, trial: int | None = None):
         self._stage, self._values, self._prefix = stage, values, prefix
+        self.drawn, self.trial = drawn or {}, trial  # a tuning trial's settings and number
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -110,6 +118,16 @@ class View:
             return self.__getattr__(name)
         except UndeclaredKey:
             return default
+
+    def tuning(self, group: str, space: list[str], seed: int, count: int) -> list[View]:
+        """This view under each of `count` tuning trials: the space's keys that `group` has,
+        drawn (saelab.tune)."""
+        from saelab.tune import trial_settings
+
+        keys = {k[len(group) + 1:] for k in self._values if k.startswith(f"{group}.")}
+        return [View(self._stage, {**self._values, **{f"{group}.{k}": v for k, v in d.items()}},
+                     drawn=d, trial=t)
+                for t, d in enumerate(trial_settings(space, keys, seed, count))]
 
 
 CHOICES = {k.path: k.choices for k in leaves() if k.choices is not None}
@@ -133,6 +151,8 @@ class Stage:
     labelled: bool = True
     classifies: bool = True
     trains_encoders: bool = False  # its network's body is a stack of encoders it trains
+    own_stream: bool = False  # runs on a random stream of its own (changes no other number)
+    tuned: bool = False  # trained once per tuning trial, the best on validation kept
     about: str = ""  # what it is, in a few words (the report's table)
 
     def inputs(self, ex: Experiment, s: View) -> tuple[torch.Tensor | None, ...]:
@@ -156,7 +176,9 @@ class Stage:
 
     def metrics(self, ex: Experiment, module: StageModule, s: View) -> dict:
         """Its entry in metrics.json (the pipeline adds its time, history and origin)."""
-        return classifier_metrics(ex.networks[self.name], ex.data)
+        out = classifier_metrics(ex.networks[self.name], ex.data)
+        ex.scores[self.name] = out.get("val_acc")
+        return out
 
     def weights(self, ex: Experiment, s: View) -> int:
         """Weights of the network it trains: its work per sample, for time estimates."""
@@ -258,55 +280,142 @@ class PretrainLayer(Stage):
 
 
 class Probe(Stage):
-    """A linear head on the frozen pretrained stack's top codes: the pretrained features' worth,
-    and fine-tuning's starting head."""
+    """A linear head on the frozen codes of pretrained layer k: what the features learned up to
+    that layer are worth to a linear classifier. The top layer's probe is fine-tuning's starting
+    head; each layer below it has one too (`probe_layer{k}`), on a random stream of its own, so
+    that probing every layer changes no other number. A probe that falls below the pixel
+    baseline on validation says so."""
 
-    name = label = group = "probe"
-    about = "linear head on the frozen pretrained stack"
-    keys = DATA + LABELS + group_keys("probe") + NUMERICS
+    group = "probe"
 
-    def __init__(self, n_layers: int):
-        self.consumes = tuple(f"pretrain_layer{k}" for k in range(1, n_layers + 1))
+    def __init__(self, k: int, n_layers: int):
+        self.k, self.top = k, k == n_layers
+        self.name = "probe" if self.top else f"probe_layer{k}"
+        self.label = "probe" if self.top else f"probe layer {k}"
+        self.about = f"linear head on the frozen pretrained stack's layer-{k} codes"
+        self.keys = DATA + LABELS + group_keys("probe") + NUMERICS
+        self.consumes = tuple(f"pretrain_layer{j}" for j in range(1, k + 1))
+        self.own_stream = not self.top
+
+    def stack(self, ex: Experiment) -> nn.Sequential:
+        """The frozen stack whose codes it reads."""
+        return stack_encoders(ex.autoencoders[: self.k]).to(ex.device)
 
     def inputs(self, ex: Experiment, s: View) -> tuple[torch.Tensor | None, ...]:
-        # One stack per split, as saelab 0.1 built them: building a stack draws initial weights,
-        # which come before the head's, so published numbers reproduce.
         x, y, vx, vy = ex.labelled()
-        top = [in_chunks(stack_encoders(ex.autoencoders).to(ex.device), images)
-               for images in (x, vx)]
-        return top[0], y, top[1], vy
+        if self.top:  # one stack per split, as saelab 0.1 built them: building a stack draws
+            # initial weights, which come before the head's, so published numbers reproduce
+            codes = [in_chunks(self.stack(ex), images) for images in (x, vx)]
+        else:
+            stack = self.stack(ex)
+            codes = [in_chunks(stack, images) for images in (x, vx)]
+        return codes[0], y, codes[1], vy
 
     def model(self, ex: Experiment, s: View) -> nn.Module:
-        head = classifier(nn.Identity(), ex.autoencoders[-1].encoder.out_features, ex.n_classes)
-        ex.head_init = copy.deepcopy(head[1].state_dict())
+        head = classifier(nn.Identity(), ex.autoencoders[self.k - 1].encoder.out_features,
+                          ex.n_classes)
+        if self.top:  # the head every deep network's starts from with model.head=random
+            ex.head_init = copy.deepcopy(head[1].state_dict())
         return head
 
     def keep(self, ex: Experiment, model: nn.Module, s: View) -> None:
         """The network it stands for: the frozen stack topped by the trained head."""
-        probe = deep_network(ex, ex.autoencoders).to(ex.device)
+        probe = deep_network(ex, ex.autoencoders[: self.k]).to(ex.device)
         probe[1].load_state_dict(model[1].state_dict())
         ex.networks[self.name] = probe
 
+    def metrics(self, ex: Experiment, module: StageModule, s: View) -> dict:
+        out = super().metrics(ex, module, s)
+        pixels = ex.scores.get("baseline")
+        if pixels is not None and out.get("val_acc", 1.0) < pixels:
+            log.warning("%s: validation accuracy %.2f%% is below the pixel baseline's %.2f%%: "
+                        "these features lose what the pixels have", self.label,
+                        100 * out["val_acc"], 100 * pixels)
+        return out
+
     def weights(self, ex: Experiment, s: View) -> int:
-        return ex.cfg.model.sizes[-1] * ex.n_classes
+        return ex.cfg.model.sizes[self.k] * ex.n_classes
+
+
+def initial_network(ex: Experiment) -> nn.Sequential:
+    """The deep network at the very weights pretraining started from (the encoders) and the
+    probe's initial head: no pretrained weight in it."""
+    fresh = [AutoEncoder(ae.encoder.in_features, ae.encoder.out_features, ex.cfg.model.activation)
+             for ae in ex.autoencoders]
+    for ae, state in zip(fresh, ex.initial, strict=True):
+        ae.encoder.load_state_dict(state)
+    net = deep_network(ex, fresh)
+    net[1].load_state_dict(ex.head_init)
+    return net
+
+
+class ScratchProbe(Probe):
+    """The probe of the random stack scratch starts from: scratch's head with model.head=probe,
+    so that scratch starts the way fine-tuning does (a head fitted on its frozen features)."""
+
+    name = "probe_scratch"
+    label = "probe (random stack)"
+    about = "linear head on the frozen stack at its initial, random weights"
+    own_stream = True
+
+    def __init__(self, n_layers: int):
+        super().__init__(n_layers, n_layers)
+        self.name, self.label = ScratchProbe.name, ScratchProbe.label
+        self.own_stream, self.top = True, False
+        self.keys = (*self.keys, "model.sizes", "model.activation")
+
+    def stack(self, ex: Experiment) -> nn.Sequential:
+        return initial_network(ex)[0].to(ex.device)
+
+    def model(self, ex: Experiment, s: View) -> nn.Module:
+        head = classifier(nn.Identity(), ex.autoencoders[-1].encoder.out_features, ex.n_classes)
+        head[1].load_state_dict(ex.head_init)  # the probe's own start
+        return head
+
+    def keep(self, ex: Experiment, model: nn.Module, s: View) -> None:
+        net = initial_network(ex).to(ex.device)
+        net[1].load_state_dict(model[1].state_dict())
+        ex.networks[self.name] = net
+
+    def rebuild(self, ex: Experiment, s: View, state: dict) -> None:
+        """Not kept by a run read back: its stack's initial weights are drawn, not saved (its
+        numbers are in metrics.json, and scratch's checkpoint holds what scratch made of it)."""
+
+
+def started(net: nn.Sequential, ex: Experiment, rule: HeadInit) -> nn.Sequential:
+    """`net` (a copy) with its head as `model.head` says: kept (probe), zero, or the probe's
+    initial head (random)."""
+    net = copy.deepcopy(net)
+    if rule == HeadInit.zero:
+        nn.init.zeros_(net[1].weight)
+        nn.init.zeros_(net[1].bias)
+    elif rule == HeadInit.random:
+        net[1].load_state_dict(ex.head_init)
+    return net
 
 
 class Finetune(Stage):
-    """The pretrained stack and the probe's head, trained end to end."""
+    """The pretrained stack and its head (`model.head`), trained end to end."""
 
     name = label = group = "finetune"
     about = "whole stack and head, end to end"
-    keys = DATA + LABELS + group_keys("finetune") + NUMERICS
     consumes = ("probe",)
     trains_encoders = True
 
+    def __init__(self, tuned: bool = False):
+        self.tuned = tuned
+        self.keys = (DATA + LABELS + group_keys(self.group) + ("model.head",) + NUMERICS
+                     + (group_keys("tune") if tuned else ()))
+
     def model(self, ex: Experiment, s: View) -> nn.Module:
-        return copy.deepcopy(ex.networks["probe"])
+        return started(ex.networks["probe"], ex, s.model.head)
 
     def module(self, ex: Experiment, model: nn.Module, s: View) -> StageModule:
-        return ClassifierModule(model, s.finetune, self.label, self.group,
-                                encoder_lr_scale=s.finetune.encoder_lr_scale,
-                                dropout=s.finetune.dropout)
+        settings = s[self.group]
+        return ClassifierModule(model, settings, self.label, self.group,
+                                encoder_lr_scale=settings.get("encoder_lr_scale"),
+                                dropout=settings.dropout, shift=settings.augment.shift,
+                                background=ex.data.background)
 
     def weights(self, ex: Experiment, s: View) -> int:
         return deep_weights(ex)
@@ -319,43 +428,73 @@ class Finetune(Stage):
 
 class Scratch(Finetune):
     """The fine-tuned network's architecture from the very weights pretraining started from (the
-    encoders) and the probe's initial head, trained end to end like fine-tuning: the control."""
+    encoders) and the same head rule, trained end to end like fine-tuning: the control."""
 
     name = label = group = "scratch"
     about = "the same network from random weights, end to end"
-    keys = DATA + LABELS + group_keys("scratch") + ("model.sizes", "model.activation") + NUMERICS
 
-    def __init__(self, n_layers: int):
+    def __init__(self, n_layers: int, head: HeadInit, tuned: bool = False):
+        super().__init__(tuned)
+        self.keys = (*self.keys, "model.sizes", "model.activation")
         # It starts from the encoders' and the probe head's initial weights, which the random
-        # stream of pretraining determines: it consumes the pretrained layers.
-        self.consumes = tuple(f"pretrain_layer{k}" for k in range(1, n_layers + 1))
+        # stream of pretraining determines: it consumes the pretrained layers (and with
+        # model.head=probe, the probe of its own random stack).
+        self.consumes = (*(f"pretrain_layer{k}" for k in range(1, n_layers + 1)),
+                         *((ScratchProbe.name,) if head == HeadInit.probe else ()))
 
     def model(self, ex: Experiment, s: View) -> nn.Module:
-        sizes = list(s.model.sizes)
-        fresh = [AutoEncoder(a, b, s.model.activation) for a, b in zip(sizes[:-1], sizes[1:],
-                                                                        strict=True)]
-        for ae, state in zip(fresh, ex.initial, strict=True):
-            ae.encoder.load_state_dict(state)
-        net = deep_network(ex, fresh)
-        if ex.head_init is not None:
-            net[1].load_state_dict(ex.head_init)
-        return net
-
-    def module(self, ex: Experiment, model: nn.Module, s: View) -> StageModule:
-        return ClassifierModule(model, s.scratch, self.label, self.group,
-                                dropout=s.scratch.dropout)
+        if s.model.head == HeadInit.probe:
+            return copy.deepcopy(ex.networks[ScratchProbe.name])
+        return started(initial_network(ex), ex, s.model.head)
 
     def before_fit(self, ex: Experiment, s: View) -> None:
         torch.manual_seed(s.seed * 100_003 + SCRATCH_SEED)
 
 
+class Semisup(Finetune):
+    """Fine-tuning that also learns from every training image, unlabelled, through its own
+    confident predictions (modules.SemisupModule); it sees no label outside the labelled
+    subset."""
+
+    name = label = group = "semisup"
+    about = "fine-tuned on the labels and on pseudo-labels of the unlabelled images"
+
+    def module(self, ex: Experiment, model: nn.Module, s: View) -> StageModule:
+        settings = s.semisup
+        steps = Minibatches.steps(self.n_samples(ex), settings.batch_size,
+                                  settings.steps_per_epoch) * settings.epochs
+        return SemisupModule(model, settings, self.label, self.group, ex.data.train_x, steps,
+                             encoder_lr_scale=settings.encoder_lr_scale,
+                             dropout=settings.dropout, shift=settings.augment.shift,
+                             background=ex.data.background)
+
+    def before_fit(self, ex: Experiment, s: View) -> None:
+        torch.manual_seed(s.seed * 100_003 + SEMISUP_SEED)
+
+    def weights(self, ex: Experiment, s: View) -> int:
+        # Each step also reads an unlabelled minibatch twice (the clean prediction, the student).
+        return deep_weights(ex) * (1 + 2 * s.semisup.unlabelled_batch_size //
+                                   s.semisup.batch_size)
+
+
 def plan(cfg: DictConfig) -> list[Stage]:
-    """The stages of `cfg`, in the order they run: a linear classifier on the pixels, one
-    autoencoder per hidden layer, a probe on the frozen stack, the stack fine-tuned, and the same
-    network trained from random weights."""
+    """The stages of `cfg`, in the order they run: a linear classifier on the pixels; one
+    autoencoder per hidden layer, each probed by a linear classifier on its frozen codes; the
+    stack fine-tuned; the same network trained from random weights; and, if on, fine-tuning that
+    also learns from the unlabelled images."""
     n = len(cfg.model.sizes) - 1
-    return [Baseline(), *(PretrainLayer(k) for k in range(1, n + 1)), Probe(n), Finetune(),
-            *([Scratch(n)] if cfg.scratch.epochs > 0 else [])]
+    tuned = set(cfg.tune.arms) if cfg.tune.trials else set()
+    stages: list[Stage] = [Baseline()]
+    for k in range(1, n + 1):
+        stages += [PretrainLayer(k), Probe(k, n)]
+    stages.append(Finetune(Arm.finetune in tuned))
+    if cfg.scratch.epochs > 0:
+        if cfg.model.head == HeadInit.probe:
+            stages.append(ScratchProbe(n))
+        stages.append(Scratch(n, cfg.model.head, Arm.scratch in tuned))
+    if cfg.semisup.epochs > 0:
+        stages.append(Semisup(Arm.semisup in tuned))
+    return stages
 
 
 # ---------------------------------------------------------------------------------------------
