@@ -27,9 +27,13 @@ def job(sweep: Path, num: int, labels: str, seed: int, error: str | None = None)
     if error:
         metrics["error"] = error
     else:
-        for stage, acc in zip(("finetune", "scratch", "probe", "baseline"),
-                              RESULTS[labels, seed], strict=True):
-            metrics[stage] = {"test_acc": acc, "val_acc": acc - 0.01}
+        accs = dict(zip(("finetune", "scratch", "probe", "baseline"), RESULTS[labels, seed],
+                        strict=True))
+        for stage in ("baseline", "probe", "finetune", "scratch"):  # in the order they run
+            metrics[stage] = {"test_acc": accs[stage], "val_acc": accs[stage] - 0.01}
+        metrics["semisup"] = {"test_acc": metrics["finetune"]["test_acc"] + 0.05}
+        for arm in ("finetune", "scratch", "semisup"):  # tuned: also selected on all of val
+            metrics[arm]["beside"] = {"test_acc": metrics[arm]["test_acc"] - 0.01}
     (folder / "metrics.json").write_text(json.dumps(metrics))
 
 
@@ -59,10 +63,17 @@ def test_seeds_are_grouped_with_mean_std_and_the_paired_interval(sweep):
     # paired differences 0.10, 0.13, 0.07: mean 0.10, sd 0.03, t(0.975, 2) = 4.303
     half = 4.3027 * 0.03 / 3 ** 0.5
     assert float(few["finetune_minus_scratch_mean"]) == pytest.approx(0.10)
-    assert float(few["ci95_low"]) == pytest.approx(0.10 - half, abs=1e-4)
-    assert float(few["ci95_high"]) == pytest.approx(0.10 + half, abs=1e-4)
+    assert float(few["finetune_minus_scratch_ci95_low"]) == pytest.approx(0.10 - half, abs=1e-4)
+    assert float(few["finetune_minus_scratch_ci95_high"]) == pytest.approx(0.10 + half, abs=1e-4)
+    # semisup = finetune + 0.05 in every seed: a difference with no spread
+    assert float(few["semisup_minus_finetune_mean"]) == pytest.approx(0.05)
+    assert float(few["semisup_minus_finetune_ci95_low"]) == pytest.approx(0.05)
     md = (sweep / "summary.md").read_text()
     assert "## Statistics over seeds" in md and "| 10 | 3 | 0 | 72.00 ± 2.00 |" in md
+    assert "semisup - scratch (95% CI)" in md and "finetune - scratch (95% CI)" in md
+    # the trials selected on the whole validation split: their own table
+    beside = md.split("### Selected on the whole validation split")[1]
+    assert "finetune_beside_test_acc" in beside and "| 10 | 3 | 0 | 71.00 ± 2.00 |" in beside
 
 
 def test_the_figure_is_drawn_against_labels_per_class(sweep):

@@ -7,6 +7,7 @@ Everything here runs before any heavy import, so that bad input fails at once wi
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import os
 from collections.abc import Iterator
@@ -326,6 +327,9 @@ def _rules(cfg: DictConfig, files: bool) -> None:
     if files and cfg.logger.kind == Logger.mlflow and find_spec("mlflow") is None:
         raise ConfigError("logger", "mlflow", "needs MLflow: pip install -e '.[mlflow]'")
 
+    if cfg.tune.trials:
+        check_space(cfg)
+
     samples = cfg.visualize.samples
     if samples is not None:
         if not samples:
@@ -335,6 +339,28 @@ def _rules(cfg: DictConfig, files: bool) -> None:
         if max(samples) >= n_test:
             raise ConfigError("visualize.samples", list(samples),
                               f"indices must be below the test-set size {n_test}")
+
+
+def check_space(cfg: DictConfig) -> None:
+    """Every key of `tune.space` is a key of a tuned stage's group, and every value it can draw
+    is one that key allows there."""
+    from saelab.tune import extremes, parse
+
+    arms = [arm.value for arm in cfg.tune.arms]
+    for key, sweep in parse(list(cfg.tune.space)).items():
+        owners = [arm for arm in arms if f"{arm}.{key}" in SCHEMA_KEYS]
+        if not owners:
+            raise ConfigError("tune.space", key, f"no tuned stage ({', '.join(arms)}) has this "
+                              "key in its group")
+        for value in extremes(sweep):
+            trial = copy.deepcopy(cfg)
+            for arm in owners:
+                try:
+                    OmegaConf.update(trial, f"{arm}.{key}", value, merge=False)
+                    check_bounds(trial)
+                except (ConfigError, OmegaConfBaseException) as exc:
+                    reason = str(exc).splitlines()[0]
+                    raise ConfigError("tune.space", f"{key}={value}", reason) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -224,9 +224,10 @@ class AutoencoderModule(StageModule):
         return loss
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, _y=None) -> list[torch.Tensor]:
-        """Sum of squared reconstruction errors and number of values."""
-        err = (self.reconstruct(x) - x).pow(2).sum()
+    def evaluate(self, x: torch.Tensor, clean: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Sum of squared errors of the reconstruction of `x` against `clean` (default: `x`
+        itself), and number of values."""
+        err = (self.reconstruct(x) - (x if clean is None else clean)).pow(2).sum()
         return [err, torch.tensor(float(x.numel()), device=x.device)]
 
 

@@ -32,7 +32,13 @@ from torch import nn
 from saelab.autoencoder import AutoEncoder, classifier, stack_encoders
 from saelab.data import Minibatches, Splits
 from saelab.evaluation import CHUNK, classifier_metrics, in_chunks
-from saelab.modules import AutoencoderModule, ClassifierModule, SemisupModule, StageModule
+from saelab.modules import (
+    AutoencoderModule,
+    ClassifierModule,
+    SemisupModule,
+    StageModule,
+    corrupt,
+)
 from saelab.runfolder import FORMAT
 from saelab.schema import Arm, Codes, HeadInit, leaves
 
@@ -47,6 +53,7 @@ NUMERICS = ("trainer.precision", "fastpath.matmul_precision")
 # its dropout, changes no other stage's numbers.
 SCRATCH_SEED = 104_729
 SEMISUP_SEED = 130_363
+VAL_NOISE_SEED = 611_953  # the fixed corruption of the validation inputs (+ the layer)
 
 
 def group_keys(prefix: str, *without: str) -> tuple[str, ...]:
@@ -245,7 +252,22 @@ class PretrainLayer(Stage):
             below = ex.autoencoders[-1]
             code = below.encode if s.pretrain.codes == Codes.activation else below.encoder
             ex.inputs = tuple(in_chunks(code, x) for x in ex.inputs)
-        return ex.inputs[0], None, ex.inputs[1], ex.inputs[1]
+        val = ex.inputs[1]
+        if s.pretrain.noise.validation:  # one fixed corrupted copy: the denoising objective
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s.seed * 100_003 + VAL_NOISE_SEED + self.k)
+                noisy = corrupt(val, s.pretrain.noise.kind, self.level(s), self.background(ex))
+            return ex.inputs[0], None, noisy, val
+        return ex.inputs[0], None, val, val
+
+    def level(self, s: View) -> float:
+        """Its noise level: its own entry of `noise.levels`, else `noise.level`."""
+        own = s.pretrain.noise.levels[self.k - 1]
+        return s.pretrain.noise.level if own is None else own
+
+    def background(self, ex: Experiment) -> float:
+        """What masking sets inputs to: black pixels for layer 1, zero codes above."""
+        return ex.data.background if self.k == 1 else 0.0
 
     def model(self, ex: Experiment, s: View) -> nn.Module:
         ae = AutoEncoder(s.model.sizes[self.k - 1], s.model.sizes[self.k], s.model.activation,
@@ -254,11 +276,8 @@ class PretrainLayer(Stage):
         return ae
 
     def module(self, ex: Experiment, model: nn.Module, s: View) -> StageModule:
-        # Masking sets inputs to the background: black pixels for layer 1, zero codes above.
-        background = ex.data.background if self.k == 1 else 0.0
         return AutoencoderModule(model, s.pretrain, self.label, f"pretrain/layer{self.k}",
-                                 background=background,
-                                 noise_level=s.pretrain.noise.levels[self.k - 1])
+                                 background=self.background(ex), noise_level=self.level(s))
 
     def keep(self, ex: Experiment, model: nn.Module, s: View) -> None:
         ex.autoencoders.append(model.eval())

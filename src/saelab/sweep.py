@@ -24,6 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from saelab.runfolder import METRICS, OVERRIDES
+from saelab.schema import Arm
 from saelab.stats import mean_interval, mean_std
 
 SEED = "seed"
@@ -82,6 +83,8 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobRow:
     stages = classifier_stages(saved)
     metrics = {f"{stage}_{key}": float(saved[stage][key]) for stage in stages
                for key in ("val_acc", "test_acc") if key in saved[stage]}
+    metrics |= {f"{stage}_beside_test_acc": float(saved[stage]["beside"]["test_acc"])
+                for stage in stages if saved[stage].get("beside")}
     if "total_s" in saved.get("timings", {}):
         metrics["total_s"] = float(saved["timings"]["total_s"])
     error = saved.get("error")
@@ -115,11 +118,16 @@ class Group:
     def values(self, column: str) -> list[float]:
         return [r.metrics[column] for r in self.finished if column in r.metrics]
 
-    def paired(self) -> list[float]:
-        """Per seed: fine-tuned - scratch test accuracy."""
-        return [r.metrics["finetune_test_acc"] - r.metrics["scratch_test_acc"]
-                for r in self.finished
-                if {"finetune_test_acc", "scratch_test_acc"} <= r.metrics.keys()]
+    def paired(self, a: str, b: str) -> list[float]:
+        """Per seed: column `a` - column `b`, where a job has both."""
+        return [r.metrics[a] - r.metrics[b] for r in self.finished if {a, b} <= r.metrics.keys()]
+
+
+def pairs(order: list[str]) -> list[tuple[str, str]]:
+    """The compared arms present, in pairs: each pretrained arm against scratch, and the
+    semi-supervised arm against fine-tuning."""
+    arms = [arm.value for arm in (Arm.semisup, Arm.finetune, Arm.scratch) if arm.value in order]
+    return [(a, b) for i, a in enumerate(arms) for b in arms[i + 1:]]
 
 
 def groups(rows: list[JobRow]) -> list[Group]:
@@ -156,19 +164,20 @@ def _interval(values: list[float]) -> str:
     return f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
 
 
-def seed_table(sweep_groups: list[Group], varying: list[str], order: list[str]) -> list[str]:
-    """summary.md's statistics over seeds (in percentage points)."""
-    tests = [f"{s}_test_acc" for s in order]
-    header = [*varying, "n", "failed", *tests, "finetune - scratch (95% CI)"]
-    lines = ["## Statistics over seeds", "",
-             "Test accuracy in %, mean ± standard deviation (ddof 1) over the seeds that "
-             "finished; the paired difference fine-tuned - scratch per seed, mean and 95% "
-             "Student's t interval, in points.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def seed_table(sweep_groups: list[Group], varying: list[str], order: list[str],
+               suffix: str = "test_acc") -> list[str]:
+    """A table of statistics over seeds (in percentage points) of each stage's `suffix` column
+    (the test accuracy of the weights its validation chose, or of those the whole validation
+    split chose: `beside_test_acc`), and the paired differences of the compared arms."""
+    tests = [f"{s}_{suffix}" for s in order]
+    compared = pairs(order)
+    header = [*varying, "n", "failed", *tests, *(f"{a} - {b} (95% CI)" for a, b in compared)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in sweep_groups:
         cells = [g.overrides.get(k, "") for k in varying]
         cells += [str(len(g.finished)), str(len(g.rows) - len(g.finished))]
-        cells += [_mean_std(g.values(c)) for c in tests] + [_interval(g.paired())]
+        cells += [_mean_std(g.values(c)) for c in tests]
+        cells += [_interval(g.paired(f"{a}_{suffix}", f"{b}_{suffix}")) for a, b in compared]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return lines
 
@@ -176,20 +185,24 @@ def seed_table(sweep_groups: list[Group], varying: list[str], order: list[str]) 
 def write_groups_csv(path: Path, sweep_groups: list[Group], keys: list[str],
                      order: list[str]) -> None:
     tests = [f"{s}_test_acc" for s in order]
+    compared = pairs(order)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([*keys, "n", "failed", *(f"{c}_{m}" for c in tests for m in
                                                   ("mean", "std")),
-                         "finetune_minus_scratch_mean", "ci95_low", "ci95_high"])
+                         *(f"{a}_minus_{b}_{m}" for a, b in compared
+                           for m in ("mean", "ci95_low", "ci95_high"))])
         for g in sweep_groups:
             stats = []
             for c in tests:
                 values = g.values(c)
                 mean, sd = mean_std(values) if values else (None, None)
                 stats += ["" if mean is None else mean, "" if sd is None else sd]
-            interval = mean_interval(g.paired()) or ("", "", "")
+            for a, b in compared:
+                stats += mean_interval(g.paired(f"{a}_test_acc", f"{b}_test_acc")) or (
+                    "", "", "")
             writer.writerow([*(g.overrides.get(k, "") for k in keys), len(g.finished),
-                             len(g.rows) - len(g.finished), *stats, *interval])
+                             len(g.rows) - len(g.finished), *stats])
 
 
 def numeric_key(rows: list[JobRow], varying: list[str]) -> str | None:
@@ -293,14 +306,28 @@ def write_summary(sweep_dir: Path) -> tuple[list[Path], list[JobRow]]:
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     sweep_groups, others = groups(rows), [k for k in varying if k != SEED]
     if SEED in varying:
-        lines += ["", *seed_table(sweep_groups, others, order)]
+        lines += ["", "## Statistics over seeds", "",
+                  "Test accuracy in %, mean ± standard deviation (ddof 1) over the seeds that "
+                  "finished; the paired differences of the compared arms per seed, mean and 95% "
+                  "Student's t interval, in points.", "",
+                  *seed_table(sweep_groups, others, order)]
+        tuned = [s for s in order if any(f"{s}_beside_test_acc" in r.metrics for r in rows)]
+        if tuned:
+            lines += ["", "### Selected on the whole validation split", "",
+                      "The same trials, the epoch and the trial chosen on the whole validation "
+                      "split (the literature's setting) rather than on the labelled validation "
+                      "images: reported beside, never used.", "",
+                      *seed_table(sweep_groups, others, tuned, "beside_test_acc")]
         seeds_path = sweep_dir / "summary_seeds.csv"
         write_groups_csv(seeds_path, sweep_groups, others, order)
         written.append(seeds_path)
     key = numeric_key(rows, others)
     if key is not None:
         png = sweep_dir / "summary.png"
-        plot(png, sweep_groups, key, [k for k in others if k != key], order)
+        # Each stage but the probes below the top (and of scratch's random stack): a figure
+        # with every layer's probe would hide the comparison it is for.
+        plot(png, sweep_groups, key, [k for k in others if k != key],
+             [s for s in order if not s.startswith("probe_")])
         lines += ["", f"![test accuracy against {key}](summary.png)"]
         written.append(png)
     md_path = sweep_dir / "summary.md"

@@ -50,6 +50,17 @@ def draw(sweep: Any, rng: random.Random) -> Any:
     return rng.uniform(low, high)
 
 
+def extremes(sweep: Any) -> list[Any]:
+    """The values that bound what a sweep can draw: every choice, an interval's ends, a range's
+    first and last values."""
+    if isinstance(sweep, ChoiceSweep):
+        return list(sweep.list)
+    if isinstance(sweep, RangeSweep):
+        values = list(range(int(sweep.start), int(sweep.stop), int(sweep.step or 1)))
+        return values[:1] + values[-1:]
+    return [float(sweep.start), float(sweep.end)]
+
+
 def trial_settings(space: list[str], keys: set[str], seed: int, trials: int
                    ) -> list[dict[str, Any]]:
     """The settings of each trial of a stage whose group has `keys`: {key: value} of the space's
