@@ -93,11 +93,17 @@ def run_per_sample(cfg, steps: int) -> dict:
     for i, ae in enumerate(autoencoders, start=1):
         stages[f"pretrain_layer{i}"] = time_stage(ae, stack_encoders(autoencoders[: i - 1]),
                                                   "mse", train, val, cfg.pretrain, steps)
+        if i < len(autoencoders):  # each layer below the top is probed too
+            stages[f"probe_layer{i}"] = time_stage(
+                nn.Linear(sizes[i], k), stack_encoders(autoencoders[:i]), "ce", train, val,
+                cfg.probe, steps)
     body = stack_encoders(autoencoders)
     stages["probe"] = time_stage(nn.Linear(sizes[-1], k), body, "ce", train, val, cfg.probe,
                                  steps)
     stages["finetune"] = time_stage(classifier(body, sizes[-1], k), nn.Identity(), "ce", train,
                                     val, cfg.finetune, steps)
+    stages["probe_scratch"] = time_stage(nn.Linear(sizes[-1], k), stack_encoders(autoencoders),
+                                         "ce", train, val, cfg.probe, steps)
     stages["scratch"] = time_stage(classifier(stack_encoders(autoencoders), sizes[-1], k),
                                    nn.Identity(), "ce", train, val, cfg.scratch, steps)
     return {"stage_s": {name: s["extrapolated_s"] for name, s in stages.items()},

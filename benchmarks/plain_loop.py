@@ -3,8 +3,9 @@
 Tensors in memory, index-sliced minibatches, no framework. It follows the composed config stage by
 stage with the same data (`load_splits`), networks, Adam, batch size, epochs, per-epoch cosine
 schedule and per-epoch validation keeping the best epoch: the pixel baseline, greedy pretraining
-with each layer's codes computed once, the probe on the top codes, fine-tuning end to end, and
-the same network trained from the encoders' and the head's initial weights (scratch).
+with each layer's codes computed once and each layer below the top probed, the probe on the top
+codes, fine-tuning end to end, a probe on the initial (random) stack, and the same network trained
+from the encoders' initial weights and that head (scratch).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.nn import functional as F
 
 from saelab.autoencoder import AutoEncoder, classifier, stack_encoders
 from saelab.data import load_splits
-from saelab.evaluation import encode, predict
+from saelab.evaluation import in_chunks, predict
 
 
 def fit(model: nn.Module, loss_fn: Callable, score_fn: Callable, x: torch.Tensor,
@@ -90,7 +91,11 @@ def run_plain(cfg, device: torch.device) -> dict:
             lambda x, _y, ae=ae: -float(F.mse_loss(ae(x), x)), codes[0], None,
             (codes[1], None), cfg.pretrain, gen)
         autoencoders.append(ae.eval())
-        codes = tuple(encode(ae.encode, c) for c in codes)
+        codes = tuple(in_chunks(ae.encode, c) for c in codes)
+        if i < len(sizes) - 1:  # each layer below the top is probed too
+            layer_head = classifier(nn.Identity(), d_out, k).to(device)
+            train_classifier(f"probe_layer{i}", layer_head, codes[0], (codes[1], data.val_y),
+                             cfg.probe)
 
     head = classifier(nn.Identity(), sizes[-1], k).to(device)
     scratch = classifier(stack_encoders(initial), sizes[-1], k).to(device)
@@ -103,6 +108,11 @@ def run_plain(cfg, device: torch.device) -> dict:
     train_classifier("finetune", probe, data.train_x, val, cfg.finetune)
     test_acc["finetune"] = accuracy(probe)(data.test_x, data.test_y)
 
+    # Scratch's head: fitted on the frozen random stack's codes, as fine-tuning's on the
+    # pretrained one's (model.head=probe).
+    random_codes = tuple(in_chunks(scratch[0], x) for x in (data.train_x, data.val_x))
+    train_classifier("probe_scratch", scratch[1], random_codes[0], (random_codes[1], data.val_y),
+                     cfg.probe)
     train_classifier("scratch", scratch, data.train_x, val, cfg.scratch)
     test_acc["scratch"] = accuracy(scratch)(data.test_x, data.test_y)
     return {"stage_s": seconds, "total_s": time.perf_counter() - start, "test_acc": test_acc,

@@ -27,6 +27,11 @@ TINY = ["debug=tiny"]
 QUICK = ["debug=quick"]
 
 
+def epochs(section: dict) -> int:
+    """The training epochs a stage's history records (its check before training aside)."""
+    return sum("train_loss" in h for h in section["history"])
+
+
 def layers(metrics: dict) -> list[dict]:
     """The pretrained layers' sections of a run's metrics.json, bottom first."""
     return [section for name, section in metrics.items() if name.startswith("pretrain_layer")]

@@ -82,7 +82,8 @@ def test_cross_key_rules(overrides, key):
     compose(["pretrain.noise.kind=gaussian", "pretrain.noise.levels=[0.1,0.2,1.5,0.3]"])
 
 
-def test_every_preset_and_group_option_composes_and_validates():
+def test_every_preset_and_group_option_composes_and_validates(monkeypatch):
+    monkeypatch.setattr("saelab.config.cuda_devices", lambda: 1)  # trainer=gpu: a GPU machine
     for group in ("experiment", "trainer", "logger", "data"):
         for option in sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml")):
             cfg = compose([f"{group}={option}"])

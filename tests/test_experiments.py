@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, REPO, layers, run_cli
+from conftest import QUICK, REPO, epochs, layers, run_cli
 from omegaconf import OmegaConf
 
 from saelab.autoencoder import AutoEncoder, classifier, stack_encoders
@@ -202,7 +202,7 @@ def test_ddp_on_cpu_with_two_processes_matches_one_process_with_twice_the_batch(
     assert m["baseline"]["test_acc"] == ref["baseline"]["test_acc"]
     assert m["config"]["trainer"]["strategy"] == "ddp"
     assert [m["data"][k] for k in ("n_train", "n_val", "n_test")] == [600, 200, 300]
-    assert [len(m[s]["history"]) for s in ("baseline", "probe", "finetune")] == [1, 1, 1]
+    assert [epochs(m[s]) for s in ("baseline", "probe", "finetune")] == [1, 1, 1]
     assert all(0 <= m[s][k] <= 1 for s in ("probe", "finetune") for k in ("test_acc", "val_acc"))
 
 

@@ -103,7 +103,8 @@ def test_stage_under_lightning_with_fast_path_on_cpu_matches_plain_loop(data):
     assert len(losses) == 2 and losses[1] < losses[0]
 
 
-def test_fast_path_keys_are_checked_and_trainer_gpu_sets_both_groups():
+def test_fast_path_keys_are_checked_and_trainer_gpu_sets_both_groups(monkeypatch):
+    monkeypatch.setattr("saelab.config.cuda_devices", lambda: 1)  # a GPU machine's config
     for override, key in [("fastpath.cuda_graphs=maybe", "fastpath.cuda_graphs"),
                           ("fastpath.matmul_precision=low", "fastpath.matmul_precision"),
                           ("trainer.cuda_graphs=true", "trainer.cuda_graphs")]:

@@ -8,7 +8,7 @@ import json
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import QUICK, TINY, compose_cfg, layers, run_cli
+from conftest import QUICK, TINY, compose_cfg, epochs, layers, run_cli
 
 from saelab.app import execute
 from saelab.autoencoder import AutoEncoder, stack_encoders
@@ -89,7 +89,7 @@ def test_autoencoder_loss_decreases():
                enable_progress_bar=False, enable_model_summary=False).fit(
         stage, Minibatches(data.train_x, None, 128), EvalBatches(data.val_x, data.val_x))
     after = stage.evaluate(data.val_x)
-    losses = [h["train_loss"] for h in stage.history]
+    losses = [h["train_loss"] for h in stage.history if "train_loss" in h]  # epoch 0: a check
     assert losses[0] > losses[1] > losses[2]
     assert after[0] / after[1] < 0.5 * before[0] / before[1]
 
@@ -119,7 +119,7 @@ def test_labels_per_class_subsets_what_the_labelled_stages_see():
 def test_pretraining_fingerprint_does_not_depend_on_labels_per_class():
     sums = {"f": "0"}
     runs = [expected(compose([*QUICK, *extra]), sums)
-            for extra in ([], ["data.labels_per_class=10"], ["data.labels_per_class=100"])]
+            for extra in ([], ["data.labels_per_class=10"], ["data.labels_per_class=50"])]
     assert len({r["pretrain_layer1"].fingerprint for r in runs}) == 1
     for stage in ("baseline", "probe", "finetune", "scratch"):
         assert len({r[stage].fingerprint for r in runs}) == 3
@@ -132,7 +132,7 @@ def test_few_labels_run_trains_labelled_stages_on_exactly_n_per_class(tmp_path):
     assert m["data"]["n_train"] == 600
     # one epoch of 50 images in minibatches of 128: one step, for every labelled stage
     for stage in ("baseline", "probe", "finetune", "scratch"):
-        assert len(m[stage]["history"]) == 1 and 0 <= m[stage]["test_acc"] <= 1
+        assert epochs(m[stage]) == 1 and 0 <= m[stage]["test_acc"] <= 1
 
 
 def test_dropout_applies_to_the_training_loss_only():

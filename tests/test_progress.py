@@ -3,6 +3,7 @@ elsewhere."""
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -15,18 +16,35 @@ from conftest import QUICK, REPO
 from saelab.progress import Estimator, ProgressDisplay, clock
 
 
-def test_time_left_is_work_left_at_the_speed_shown():
-    est = Estimator({"a": 100.0, "b": 300.0, "c": 0.0})  # c: taken from a checkpoint
+def test_time_left_is_overhead_plus_work_at_the_rate_measured():
+    # a: a small stage (work 10 a step), b: a large one (1,000 a step), c: taken from a checkpoint
+    est = Estimator({"a": 100, "b": 200, "c": 0}, {"a": 10.0, "b": 1000.0, "c": 5.0}, rate=1000.0)
     assert est.stage_left("a") is None and est.run_left("a") is None  # nothing measured yet
-    est.update("a", 25.0, 5.0)  # 5 units a second so far
-    assert est.stage_left("a") == pytest.approx(15.0)
-    assert est.run_left("a") == pytest.approx(15.0 + 300 / 5)
-    est.update("a", 100.0, 20.0)
-    est.update("b", 30.0, 2.0)  # b runs at 15 units a second: its own speed for its remainder
-    assert est.stage_left("b") == pytest.approx(270 / 15)
-    run_speed = 130 / 22  # later stages at the speed of the whole run so far
-    assert est.run_left("b") == pytest.approx(270 / 15 + 0 / run_speed)
+    est.update("a", 20, 2.0)  # 0.1 s a step: 0.01 s of work at the timed rate, 0.09 s overhead
+    assert est.stage_left("a") == pytest.approx(80 * 0.1)  # its own pace
+    assert est.step_time("b") == pytest.approx(0.09 + 1.0)  # the overhead, plus b's work
+    assert est.run_left("a") == pytest.approx(8.0 + 200 * 1.09)  # c has nothing left
+    est.update("a", 100, 10.0)
+    est.update("b", 50, 100.0)  # b shows 2 s a step: the two stages refit overhead and rate
+    overhead, per_work = est.model()
+    assert overhead + 10 * per_work == pytest.approx(0.1)
+    assert overhead + 1000 * per_work == pytest.approx(2.0)
+    assert est.run_left("b") == pytest.approx(150 * 2.0)  # b at its own pace
     assert clock(75) == "1:15" and clock(3725) == "1:02:05" and clock(None) == "?"
+
+
+def test_a_recorded_run_is_estimated_within_twice_the_truth_after_one_epoch():
+    """The default run as it ran (tests/data: its stages' steps, step work, the device rate
+    and each stage's seconds): replayed, the estimate after the first stage's first epoch is
+    within 2x of the time the run then took."""
+    recorded = json.loads((REPO / "tests" / "data" / "progress_default_run.json").read_text())
+    est = Estimator(recorded["steps"], recorded["per_step"], recorded["rate"])
+    first = next(iter(recorded["steps"]))
+    epoch_steps = recorded["steps"][first] / recorded["epochs"][first]
+    epoch_seconds = recorded["seconds"][first] / recorded["epochs"][first]
+    est.update(first, epoch_steps, epoch_seconds)
+    truth = sum(recorded["seconds"].values()) - epoch_seconds
+    assert 0.5 < est.run_left(first) / truth < 2.0
 
 
 class Terminal:
@@ -50,7 +68,8 @@ def test_the_live_line_shows_stage_epoch_steps_times_and_numbers(monkeypatch):
 
     monkeypatch.setenv("COLUMNS", "200")  # the line is cut to the terminal's width
     stream, meter = Terminal(), Meter()
-    progress = ProgressDisplay("auto", {"finetune": 1000.0}, stream)  # 40 steps of 25 work units
+    progress = ProgressDisplay("auto", Estimator({"finetune": 40}, {"finetune": 25.0}, 1e4),
+                               stream)
     progress.begin("finetune", "finetune", 4, 10, meter)
     for _ in range(16):
         meter.step()
@@ -59,8 +78,9 @@ def test_the_live_line_shows_stage_epoch_steps_times_and_numbers(monkeypatch):
     line = stream.text.split("\r\x1b[K")[-2]
     assert line.startswith("finetune: epoch 2/4 [########............]  40%")
     assert "left (run ~" in line and line.endswith("train_loss 0.25 val_acc 0.9")
-    assert ProgressDisplay("auto", {}, Terminal()).bar
-    assert not ProgressDisplay("lines", {}, Terminal()).bar
+    idle = Estimator({}, {}, 1.0)
+    assert ProgressDisplay("auto", idle, Terminal()).bar
+    assert not ProgressDisplay("lines", idle, Terminal()).bar
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, REPO, folder_state, layers, run_cli
+from conftest import QUICK, REPO, epochs, folder_state, layers, run_cli
 
 import saelab
 from saelab import progress
@@ -25,7 +25,8 @@ from saelab.robustness import main as robustness_main
 from saelab.runfolder import RunFolder, read_checkpoint
 from saelab.stages import expected, plan
 
-STAGES = ["baseline", "pretrain_layer1", "pretrain_layer2", "probe", "finetune", "scratch"]
+STAGES = ["baseline", "pretrain_layer1", "probe_layer1", "pretrain_layer2", "probe", "finetune",
+          "probe_scratch", "scratch"]
 DENOISING = [*QUICK, "pretrain.noise.kind=masking", "pretrain.noise.level=0.3"]
 
 
@@ -102,7 +103,7 @@ def test_overwrite_removes_only_saelabs_files_and_retrains(finished, tmp_path):
     (run_dir / "notes.txt").write_text("mine")
     metrics = saelab.run([*DENOISING, "finetune.epochs=2", "overwrite=true"], run_dir)
     assert (run_dir / "notes.txt").read_text() == "mine"
-    assert len(metrics["finetune"]["history"]) == 2
+    assert epochs(metrics["finetune"]) == 2
     assert all(metrics[s]["origin"] == "trained" for s in ("baseline", "finetune"))
 
 
@@ -214,7 +215,7 @@ def test_resume_applies_overrides_that_change_no_finished_stage(finished, tmp_pa
     for name in ("finetune", "scratch"):
         (run_dir / "checkpoints" / f"{name}.pt").unlink()
     metrics = saelab.run([f"resume={run_dir}", "finetune.epochs=2", "visualize.enabled=false"])
-    assert len(metrics["finetune"]["history"]) == 2
+    assert epochs(metrics["finetune"]) == 2
     saved = (run_dir / ".hydra" / "config.yaml").read_text()
     assert "epochs: 2" in saved  # the folder's config is the one that trained it
     assert "finetune.epochs=2" in (run_dir / ".hydra" / "overrides.yaml").read_text()
@@ -339,9 +340,10 @@ def test_sigterm_ends_a_sweep_with_the_summary_of_the_finished_jobs(tmp_path):
 def test_load_run_changes_nothing_and_needs_no_data_until_splits_are_asked(finished, tmp_path,
                                                                           monkeypatch):
     run_dir = copy_of(finished, tmp_path)
+    saved = run_dir / ".hydra" / "config.yaml"  # the data the run used, gone
+    saved.write_text(saved.read_text().replace(os.environ["SAELAB_MIRROR"], str(
+        tmp_path / "nowhere")).replace(os.environ["SAELAB_CACHE"], str(tmp_path / "nocache")))
     before = folder_state(run_dir)
-    monkeypatch.setenv("SAELAB_MIRROR", str(tmp_path / "nowhere"))
-    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "nocache"))
     run = saelab.load_run(run_dir)
     assert [ae.encoder.out_features for ae in run.autoencoders] == [32, 9]
     assert "scratch" in run.networks and run.metrics["finetune"]["test_acc"] > 0

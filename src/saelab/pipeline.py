@@ -51,10 +51,12 @@ def run_experiment(cfg: DictConfig, folder: RunFolder, device: torch.device, rec
     log.info("data from %s: %d train / %d val / %d test images, %d / %d of them labelled",
              data.source, len(data.train_y), len(data.val_y), len(data.test_y), len(y),
              len(val_y))
-    progress = ProgressDisplay(cfg.progress if folder.writer else "lines",
-                               estimator(ex, want, device))
+    estimate = estimator(ex, want, device)
+    progress = ProgressDisplay(cfg.progress if folder.writer else "lines", estimate)
     runner = Runner(cfg, folder, want, usable, device, logger, progress)
-    record("data", data=data.summary())
+    # The estimate's plan beside the data: with each stage's seconds, a recorded run replays.
+    record("data", data=data.summary(), work={
+        "rate": estimate.rate, "steps": dict(estimate.steps), "per_step": dict(estimate.work)})
     try:
         for name, exp in want.items():
             stage, s = exp.stage, exp.settings
