@@ -10,13 +10,16 @@ imports torch before a job starts, so `--help`, `--cfg job` and shell completion
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
+import pkgutil
 import sys
 import time
 import warnings
 from importlib.resources import files
+from importlib.util import find_spec
 from pathlib import Path
 
 import hydra
@@ -25,9 +28,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from saelab import __version__
+from saelab import __version__, schema
 from saelab.config import (
     CONFIG_MODULE,
+    PLUGINS,
     compose_raw,
     config_groups,
     job_config,
@@ -148,14 +152,61 @@ def prepare(jobs: list[DictConfig]) -> None:
             prepare_mlflow(job)
 
 
-def help_text() -> str:
+def help_text(group: str | None = None) -> str:
     """saelab's help: the template in conf/config.yaml (`hydra.help`) with the config groups and
-    their options listed from the files. Rendered here rather than by Hydra, whose `--help`
-    composes every option of every group first (about a second)."""
+    their options listed from the files, the launchers and sweepers, and every key from the
+    schema; with `group`, that group's keys and presets only. Rendered here rather than by Hydra,
+    whose `--help` composes every option of every group first (about a second)."""
+    groups = config_groups()
+    if group is not None:
+        sections = schema.sections()
+        if group not in sections and group not in groups:
+            raise ConfigError("--help", group, "no such group; the groups: "
+                              f"{', '.join(sorted(sections.keys() | groups.keys()))}")
+        presets = f"presets: {group}={'|'.join(groups[group])}" if group in groups else ""
+        return "\n".join(filter(None, (schema.text(group) if group in sections else "",
+                                        presets)))
     template = OmegaConf.load(files(CONFIG_MODULE) / "config.yaml").hydra.help.template
-    listing = "\n".join(f"{name}: {', '.join(options)}"
-                        for name, options in config_groups().items())
-    return template.replace("$APP_CONFIG_GROUPS", listing)
+    listing = "\n".join(f"{name}: {', '.join(options)}" for name, options in groups.items())
+    return (template.replace("$APP_CONFIG_GROUPS", listing)
+            .replace("$APP_PLUGINS", plugins_text()).replace("$APP_KEYS", schema.text()))
+
+
+def plugins_text() -> str:
+    """The launchers and sweepers installed: Hydra's basic ones, the Hydra plugins (registered by
+    importing their config modules, which import neither torch nor the library they drive) and
+    saelab's presets in conf/hydra/launcher whose plugin is there; then the missing ones, with
+    the extra that installs them."""
+    from hydra.core.config_store import ConfigStore
+
+    namespace = find_spec("hydra_plugins")  # there once any Hydra plugin is installed
+    for plugin in pkgutil.iter_modules(namespace.submodule_search_locations if namespace else []):
+        if find_spec(f"hydra_plugins.{plugin.name}.config") is not None:
+            importlib.import_module(f"hydra_plugins.{plugin.name}.config")
+    found = {}
+    for kind in ("launcher", "sweeper"):
+        names = {"basic"} | {n.removesuffix(".yaml") for n in
+                             ConfigStore.instance().list(f"hydra/{kind}") if n.endswith(".yaml")}
+        presets = files(CONFIG_MODULE) / "hydra" / kind
+        for preset in presets.iterdir() if presets.is_dir() else ():
+            needs = OmegaConf.load(preset).get("defaults", [])
+            if {str(d) for d in needs} - {"_self_"} <= names:
+                names.add(preset.name.removesuffix(".yaml"))
+        found[f"hydra/{kind}"] = sorted(names)
+    lines = [f"  {group}={'|'.join(names)}" for group, names in found.items()]
+    missing = []
+    for plugin, extra in PLUGINS.items():
+        group, _, name = plugin.rpartition("/")
+        if name not in found[group]:
+            missing.append(f"{group}={name} (pip install -e '.[{extra}]')")
+    return "\n".join(lines + ([f"  not installed: {', '.join(missing)}"] if missing else []))
+
+
+def help_group(argv: list[str]) -> str | None:
+    """The GROUP of `saelab --help GROUP` (the word after --help or -h), if any."""
+    at = max(argv.index(a) for a in ("--help", "-h") if a in argv) + 1
+    word = argv[at] if at < len(argv) else ""
+    return word if word and not word.startswith("-") and "=" not in word else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,18 +217,19 @@ def main(argv: list[str] | None = None) -> None:
     if "--version" in argv:
         print(f"saelab {__version__}")
         return
-    if "--help" in argv or "-h" in argv:
-        print(help_text())
-        return
-    register()
-    args = get_args_parser().parse_args(argv)
-    if not (args.hydra_help or args.shell_completion or args.info or is_data_parallel_child()):
-        try:
-            checked = front_door(args.multirun, args.overrides)
-        except ConfigError as exc:
-            print(f"saelab: error: {exc}", file=sys.stderr)
-            sys.exit(2)
-        argv = [a for a in argv if a not in args.overrides] + checked
+    try:
+        if "--help" in argv or "-h" in argv:
+            print(help_text(help_group(argv)))
+            return
+        register()
+        args = get_args_parser().parse_args(argv)
+        if not (args.hydra_help or args.shell_completion or args.info
+                or is_data_parallel_child()):
+            argv = [a for a in argv if a not in args.overrides] + front_door(args.multirun,
+                                                                            args.overrides)
+    except ConfigError as exc:
+        print(f"saelab: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     quiet()
     sys.argv = [sys.argv[0], *argv]
     hydra_main()

@@ -21,7 +21,6 @@ from saelab import datasets
 from saelab.errors import ConfigError
 from saelab.runfolder import CONFIG, RunFolder
 from saelab.schema import (
-    BOUND_TEXT,
     PRECISIONS,
     Activation,
     Config,
@@ -31,6 +30,7 @@ from saelab.schema import (
     ReconLoss,
     Sparsity,
     Strategy,
+    bounds_text,
     leaves,
     register,
 )
@@ -117,8 +117,9 @@ def omegaconf_error(exc: OmegaConfBaseException, given: str | None = None) -> Co
     value = given if given is not None else getattr(exc, "value", None)
     if "not in" in message or "Could not override" in message or "not found" in message:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
+        listing = f"saelab --help {key.split('.')[0]}" if parent else "saelab --help"
         return ConfigError(key, value, f"no such key{f' in {parent}' if parent else ''} "
-                           f"(the keys: docs/configuration.md)")
+                           f"(the keys: {listing})")
     if "expected one of" in message:
         return ConfigError(key, value, "allowed: " + message.split("expected one of ")[1]
                            .strip("[]").replace("'", ""))
@@ -168,10 +169,6 @@ def _bad_bound(value: Any, bounds: dict[str, float]) -> bool:
     return not all(checks[b] for b in bounds)
 
 
-def _bounds_text(bounds: dict[str, float]) -> str:
-    return " and ".join(f"{BOUND_TEXT[b]} {v:g}" for b, v in bounds.items())
-
-
 def check_bounds(cfg: DictConfig) -> None:
     """Every key's range, as declared in the schema (for lists: every element's)."""
     for k in leaves():
@@ -184,7 +181,7 @@ def check_bounds(cfg: DictConfig) -> None:
         if any(_bad_bound(v, k.bounds) for v in values):
             shown = values if isinstance(value, ListConfig | list) else value
             every = "every element " if isinstance(value, ListConfig | list) else ""
-            raise ConfigError(k.path, shown, f"{every}must be {_bounds_text(k.bounds)}")
+            raise ConfigError(k.path, shown, f"{every}must be {bounds_text(k.bounds, ' and ')}")
 
 
 def validate(cfg: DictConfig, files: bool = True) -> None:

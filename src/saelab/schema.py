@@ -15,8 +15,10 @@ heavy import.
 from __future__ import annotations
 
 import copy
+import textwrap
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from enum import StrEnum
+from itertools import groupby
 from typing import Any
 
 from omegaconf import II
@@ -310,8 +312,9 @@ class Config:
     store: str | None = key(None, "a folder of finished stages shared between runs: a stage "
                             "whose fingerprint is there is copied, not trained")
     progress: Progress = key(Progress.auto, "progress display")
-    data: DataConfig = key(DataConfig(), "data")
-    model: ModelConfig = key(ModelConfig(), "network")
+    data: DataConfig = key(DataConfig(), "the data set: classes, validation split, pixel "
+                                 "scaling, limits")
+    model: ModelConfig = key(ModelConfig(), "the stacked network")
     baseline: StageConfig = key(StageConfig(), "softmax regression on raw pixels")
     pretrain: PretrainConfig = key(PretrainConfig(), "greedy layer-wise pretraining, one "
                                    "autoencoder per layer")
@@ -351,14 +354,17 @@ class Key:
     bounds: dict[str, float]
 
 
-def leaves(cls: type = Config, prefix: str = "") -> list[Key]:
+def leaves(node: Any = Config, prefix: str = "") -> list[Key]:
     """Every leaf key of the schema, depth first, in declaration order."""
     out = []
-    for f in fields(cls):
+    for f in fields(node):
         path = f"{prefix}{f.name}"
-        default = f.default if f.default is not MISSING else f.default_factory()
+        if not isinstance(node, type):  # a group's default instance sets its own values
+            default = getattr(node, f.name)  # (scratch.dropout follows finetune.dropout)
+        else:
+            default = f.default if f.default is not MISSING else f.default_factory()
         if is_dataclass(default):
-            out += leaves(type(default), f"{path}.")
+            out += leaves(default, f"{path}.")
         else:
             out.append(Key(path, f.type, default, f.metadata["doc"], f.metadata["bounds"]))
     return out
@@ -367,12 +373,27 @@ def leaves(cls: type = Config, prefix: str = "") -> list[Key]:
 BOUND_TEXT = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
+def sections() -> dict[str, str]:
+    """The groups of keys (`data`, `pretrain`, ...), each with what it holds."""
+    return {f.name: f.metadata["doc"] for f in fields(Config)
+            if f.default is MISSING and is_dataclass(f.default_factory())}
+
+
+def bounds_text(bounds: dict[str, float], joiner: str = ", ") -> str:
+    """A key's range in words: `>= 0, <= 9`."""
+    return joiner.join(f"{BOUND_TEXT[b]} {v:g}" for b, v in bounds.items())
+
+
+def default_text(k: Key) -> str:
+    return "null" if k.default is None else str(k.default)
+
+
 def type_text(k: Key) -> str:
     """The key's type in words, with its choices."""
     t = k.type if isinstance(k.type, str) else getattr(k.type, "__name__", str(k.type))
     for enum in StrEnum.__subclasses__():
         if enum.__name__ in t:
-            return " \\| ".join(enum)
+            return " | ".join(enum)
     return t.replace("|", "or").replace(" None", " null")
 
 
@@ -384,10 +405,28 @@ def markdown() -> str:
              "Values like `${finetune.lr}` follow the key they name unless set.", "",
              "| key | type | default | range | description |", "|---|---|---|---|---|"]
     for k in leaves():
-        bounds = ", ".join(f"{BOUND_TEXT[b]} {v:g}" for b, v in k.bounds.items())
-        default = "null" if k.default is None else str(k.default).replace("|", "\\|")
-        lines.append(f"| `{k.path}` | {type_text(k)} | `{default}` | {bounds} | {k.doc} |")
+        cells = (f"`{k.path}`", type_text(k), f"`{default_text(k)}`", bounds_text(k.bounds),
+                 k.doc)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def text(section: str | None = None, width: int = 100) -> str:
+    """The keys for `saelab --help`: `key=default  [type, range]  meaning`, one entry per key
+    (wrapped at `width`), the top-level keys first, then each group under what it holds; with
+    `section`, that group's keys only."""
+    docs, lines = sections(), []
+    for name, keys in groupby(leaves(), key=lambda k: k.path.rpartition(".")[0].split(".")[0]):
+        if section not in (None, name):
+            continue
+        lines.append(f"{name}: {docs[name]}" if name else "top level:")
+        for k in keys:
+            kind = ", ".join(filter(None, (type_text(k), bounds_text(k.bounds))))
+            # Lists as typed on the command line ([0,9]), so that no wrap splits a default.
+            entry = f"{k.path}={default_text(k).replace(', ', ',')}  [{kind}]  {k.doc}"
+            lines.append(textwrap.fill(entry, width, initial_indent="  ",
+                                       subsequent_indent="      ", break_on_hyphens=False))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
