@@ -138,8 +138,22 @@ def test_an_optuna_search_is_checked_at_each_choice_and_both_ends_of_each_interv
     assert {"model.sizes=[784,196,49,25,9]", "model.sizes=[784,256,64]",
             "pretrain.lr=0.0001", "pretrain.lr=0.01", "pretrain.epochs=5", "pretrain.epochs=20",
             "finetune.epochs=10", "finetune.epochs=30"} <= varied
+    # range(5, 25, step=5) and range(10, 40, step=10): Hydra's ranges, their ends left out
+    assert not {"pretrain.epochs=25", "finetune.epochs=40"} & varied
     for job in jobs:
         validate(compose_raw(job))
+
+
+def test_the_command_line_changes_the_search_space_as_the_sweeper_reads_it():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    overrides = ["hparams_search=optuna", "pretrain.epochs=range(1,3)", "finetune.epochs=7",
+                 "data.val_size=range(100,400,step=100)"]
+    cfg = compose_raw(["hparams_search=optuna", "finetune.epochs=7"], hydra=True)
+    varied = {job[-1] for job in sweep_jobs(cfg, overrides)[1:]}
+    assert {"pretrain.epochs=1", "pretrain.epochs=2", "data.val_size=100",
+            "data.val_size=300"} <= varied
+    assert not {"pretrain.epochs=3", "data.val_size=400", "finetune.epochs=10",
+                "finetune.epochs=30"} & varied
 
 
 # The command line ----------------------------------------------------------------------------
@@ -154,6 +168,9 @@ def test_an_optuna_search_is_checked_at_each_choice_and_both_ends_of_each_interv
     (["-m", "trainer=ddp", "seed=0,1"], "trainer.strategy"),
     (["resume=/nonexistent/run"], "resume"),
     (["seed=0,1"], "seed"),
+    pytest.param(["hparams_search=optuna", "pretrain.epochs=range(5,5)"], "pretrain.epochs",
+                 marks=pytest.mark.skipif(find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
+                                          reason="needs the [sweep] extra")),
 ])
 def test_the_front_door_refuses_in_one_line_exit_2_and_leaves_no_folder(tmp_path, monkeypatch,
                                                                        capsys, args, key):

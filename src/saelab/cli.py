@@ -2,16 +2,16 @@
 
 Before Hydra starts anything (a folder, a log, a job), the front door composes the config of every
 job through Hydra's Compose API (a basic sweep expanded into its jobs; for an Optuna search each
-choice and both ends of each interval), checks it, and resolves `resume=RUN_DIR`. A bad value, an
-unknown key or preset, a missing plugin: one line naming the key, the value and what is allowed,
-exit 2, nothing left behind. Only then does Hydra run the jobs, in `hydra_main`. Nothing here
-imports torch before a job starts, so `--help`, `--cfg job` and shell completion answer at once.
+choice and both ends of each interval or range, as the sweeper reads them), checks it, and
+resolves `resume=RUN_DIR`. A bad value, an unknown key or preset, a missing plugin: one line
+naming the key, the value and what is allowed, exit 2, nothing left behind. Only then does Hydra
+run the jobs, in `hydra_main`. Nothing here imports torch before a job starts, so `--help`,
+`--cfg job` and shell completion answer at once.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import pkgutil
@@ -69,18 +69,12 @@ def is_data_parallel_child() -> bool:
     return any(os.environ.get(v, "0") != "0" for v in ("LOCAL_RANK", "RANK"))
 
 
-def override_text(key: str, value) -> str:
-    """`key=value` in Hydra's override grammar (lists as [a,b], strings quoted when needed)."""
-    if isinstance(value, list | tuple):
-        return f"{key}=[{','.join(override_text('', v)[1:] for v in value)}]"
-    if isinstance(value, str) and not value.replace("_", "").replace(".", "").isalnum():
-        return f"{key}={json.dumps(value)}"
-    return f"{key}={value}"
-
-
 def sweep_jobs(cfg: DictConfig, overrides: list[str]) -> list[list[str]]:
     """The overrides of every job of a sweep to check: a basic sweep's jobs; for the Optuna
-    sweeper, each choice and both ends of each interval or range, one parameter at a time."""
+    sweeper, each choice and both ends of each distribution, one parameter at a time. The
+    distributions are the sweeper's own reading of the search space (a range's end is not in
+    it), so the values checked are the bounds of those it samples. Raises ConfigError for a
+    parameter the sweeper cannot read (an empty range, a zero step)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     parser = OverridesParser.create()
@@ -88,24 +82,27 @@ def sweep_jobs(cfg: DictConfig, overrides: list[str]) -> list[list[str]]:
     sweeper = str(cfg.hydra.sweeper.get("_target_", ""))
     if "optuna" not in sweeper.lower():
         return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     params = {k: str(v) for k, v in (cfg.hydra.sweeper.get("params") or {}).items()}
+    # as the sweeper reads them: the command line's sweeps join the space, its fixed values
+    # take their key out of it
     params |= {o.key_or_group: o.input_line.split("=", 1)[1] for o in parsed
-               if o.is_sweep_override()}
+               if o.is_sweep_override() or o.key_or_group in params}
     jobs = [fixed]
     for key, spec in params.items():
         (o,) = parser.parse_overrides([f"{key}={spec}"])
         if not o.is_sweep_override():
             jobs.append([*fixed, o.input_line])
             continue
-        sweep = o.value()
-        if hasattr(sweep, "start") and not hasattr(sweep, "step"):  # an interval: its two ends
-            cast = int if "int" in sweep.tags else float
-            values = [cast(sweep.start), cast(sweep.end)]
-        else:
-            values = list(o.sweep_iterator())
-            values = values if hasattr(sweep, "list") else values[:1] + values[-1:]
-        jobs += [[*fixed, override_text(key, v)] for v in values]
+        try:
+            distribution = create_optuna_distribution_from_override(o)
+        except ValueError as exc:
+            raise ConfigError(key, spec, str(exc)) from None
+        # a choice's options (as override text, the sweeper's encoding) or the two ends
+        values = getattr(distribution, "choices", None) or (distribution.low, distribution.high)
+        jobs += [[*fixed, f"{key}={v}"] for v in values]
     return jobs
 
 
@@ -138,7 +135,11 @@ def front_door(multirun: bool, overrides: list[str]) -> list[str]:
             raise ConfigError("trainer.strategy", "ddp", "runs in single runs only, not in a "
                               "multirun (-m): Lightning re-launches the command line per rank")
     prepare(jobs)
-    return overrides
+    # Hydra 1.4 reads the mode from the primary config and the command line only: the MULTIRUN
+    # of a preset (hparams_search=optuna) goes on the command line
+    if multirun or any(o.key_or_group == "hydra.mode" for o in parsed):
+        return overrides
+    return [*overrides, "hydra.mode=MULTIRUN"]
 
 
 def prepare(jobs: list[DictConfig]) -> None:
@@ -246,7 +247,9 @@ def in_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-@hydra.main(version_base="1.3", config_path="pkg://saelab.conf", config_name="config")
+# Hydra 1.4 warns (1.5 refuses) when it instantiates a target from the config (here the sweep's
+# summary callback) without a whitelist from the code: saelab trusts its own classes.
+@hydra.main(config_path="pkg://saelab.conf", config_name="config", execution_whitelist=["saelab.*"])
 def hydra_main(cfg: DictConfig) -> float | None:
     """Run one job and return the fine-tuned validation accuracy (a sweep's objective; None
     without a validation split or when the job failed)."""
@@ -283,7 +286,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def fail(exc: Exception, what: str, code: int) -> None:
     """A failed job: one line and exit `code`. In a multirun the sweep goes on (the error is in
     the job's metrics.json, a row of the sweep summary) and the job returns None, which the
-    Optuna sweeper records as a failed trial (NaN would crash optuna 2's `tell`)."""
+    Optuna sweeper records as a failed trial."""
     print(f"saelab: {what}: {exc}", file=sys.stderr)
     if not in_multirun():
         sys.exit(code)

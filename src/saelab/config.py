@@ -70,7 +70,7 @@ def hydra_compose() -> Iterator:
     if GlobalHydra.instance().is_initialized():  # inside a Hydra app: compose beside it
         yield compose
         return
-    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+    with initialize_config_module(CONFIG_MODULE):
         yield compose
 
 

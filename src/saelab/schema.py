@@ -336,7 +336,7 @@ def register() -> None:
     as a choice by `--help` or shell completion."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config, replace=True)
 
 
 # ---------------------------------------------------------------------------------------------
