@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,9 @@ BAD_INPUT = [
     ("seed=abc", "seed", "integer"),
     ("trainer.precision=abc", "trainer.precision", "32-true"),
     ("pretrain.optimizer=lbfgs", "pretrain.optimizer", "sgd, adam, adamw"),
-    ("pretrain.lrr=1e-3", "pretrain.lrr", "no such key in pretrain"),
+    ("pretrain.lrr=1e-3", "pretrain.lrr", "no such key in pretrain (the keys: saelab --help "
+     "pretrain)"),
+    ("lrr=1e-3", "lrr", "no such key (the keys: saelab --help)"),
     ("experiment=nope", "experiment", "sda3_mnist"),
     ("data.mirror=/nonexistent/mirror", "data.mirror", "does not exist"),
     ("data.labelled_val_per_class=5", "data.labelled_val_per_class", "labels_per_class"),
@@ -136,8 +139,22 @@ def test_an_optuna_search_is_checked_at_each_choice_and_both_ends_of_each_interv
     assert {"model.sizes=[784,196,49,25,9]", "model.sizes=[784,256,64]",
             "pretrain.lr=0.0001", "pretrain.lr=0.01", "pretrain.epochs=5", "pretrain.epochs=20",
             "finetune.epochs=10", "finetune.epochs=30"} <= varied
+    # range(5, 25, step=5) and range(10, 40, step=10): Hydra's ranges, their ends left out
+    assert not {"pretrain.epochs=25", "finetune.epochs=40"} & varied
     for job in jobs:
         validate(compose_raw(job))
+
+
+def test_the_command_line_changes_the_search_space_as_the_sweeper_reads_it():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    overrides = ["hparams_search=optuna", "pretrain.epochs=range(1,3)", "finetune.epochs=7",
+                 "data.val_size=range(100,400,step=100)"]
+    cfg = compose_raw(["hparams_search=optuna", "finetune.epochs=7"], hydra=True)
+    varied = {job[-1] for job in sweep_jobs(cfg, overrides)[1:]}
+    assert {"pretrain.epochs=1", "pretrain.epochs=2", "data.val_size=100",
+            "data.val_size=300"} <= varied
+    assert not {"pretrain.epochs=3", "data.val_size=400", "finetune.epochs=10",
+                "finetune.epochs=30"} & varied
 
 
 # The command line ----------------------------------------------------------------------------
@@ -152,6 +169,9 @@ def test_an_optuna_search_is_checked_at_each_choice_and_both_ends_of_each_interv
     (["-m", "trainer=ddp", "seed=0,1"], "trainer.strategy"),
     (["resume=/nonexistent/run"], "resume"),
     (["seed=0,1"], "seed"),
+    pytest.param(["hparams_search=optuna", "pretrain.epochs=range(5,5)"], "pretrain.epochs",
+                 marks=pytest.mark.skipif(find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
+                                          reason="needs the [sweep] extra")),
 ])
 def test_the_front_door_refuses_in_one_line_exit_2_and_leaves_no_folder(tmp_path, monkeypatch,
                                                                        capsys, args, key):
@@ -193,14 +213,88 @@ def test_a_missing_plugin_names_the_extra_to_install(tmp_path, monkeypatch):
     assert err.value.key == "hparams_search"
 
 
-def test_cfg_job_prints_the_config_without_importing_torch():
-    code = ("import sys, runpy; sys.argv = ['saelab', '--cfg', 'job', 'seed=5'];\n"
+@pytest.mark.parametrize("args, shown", [(["--cfg", "job", "seed=5"], "seed: 5"),
+                                         (["--help"], "pretrain.lr=0.001")])
+def test_cfg_job_and_help_answer_without_importing_torch(args, shown):
+    code = (f"import sys, runpy; sys.argv = ['saelab', *{args!r}];\n"
             "try:\n    runpy.run_module('saelab', run_name='__main__')\n"
             "finally:\n    print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=REPO, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "seed: 5" in proc.stdout and proc.stdout.strip().endswith("NO-TORCH")
+    assert shown in proc.stdout and proc.stdout.strip().endswith("NO-TORCH")
+
+
+def help_keys(text: str) -> list[str]:
+    """The keys a help text lists (its `  key=default ...` entries)."""
+    return re.findall(r"^  ([\w.]+)=", text, re.M)
+
+
+def test_help_lists_every_key_with_its_type_default_and_meaning(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert help_keys(out) == [k.path for k in schema.leaves()]
+    assert "\n  pretrain.lr=0.001  [float, > 0]  learning rate\n" in out
+    assert "\n  pretrain.optimizer=adam  [sgd | adam | adamw]  optimiser\n" in out
+    assert "\n  scratch.dropout.input=${finetune.dropout.input}  [float, >= 0, < 1]" in out
+    assert "\npretrain: greedy layer-wise pretraining, one autoencoder per layer\n" in out
+
+
+def test_help_lists_the_installed_launchers_and_sweepers(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    launchers = re.search(r"^  hydra/launcher=(\S+)$", out, re.M).group(1).split("|")
+    sweepers = re.search(r"^  hydra/sweeper=(\S+)$", out, re.M).group(1).split("|")
+    assert "basic" in launchers and "basic" in sweepers
+    submitit = find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+    assert ("slurm" in launchers) == ("submitit_slurm" in launchers) == submitit
+    assert ("joblib" in launchers) == (find_spec("hydra_plugins.hydra_joblib_launcher")
+                                       is not None)
+    assert ("optuna" in sweepers) == (find_spec("hydra_plugins.hydra_optuna_sweeper")
+                                      is not None)
+
+
+def test_help_names_the_extra_of_each_plugin_that_is_not_installed(capsys, monkeypatch):
+    from hydra.core.config_store import ConfigStore
+
+    from saelab import cli
+
+    monkeypatch.setattr(cli, "find_spec", lambda name: None)
+    monkeypatch.setattr(ConfigStore, "list", lambda self, path: [])
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert "\n  hydra/launcher=basic\n  hydra/sweeper=basic\n" in out
+    assert ("  not installed: hydra/sweeper=optuna (pip install -e '.[sweep]'), "
+            "hydra/launcher=joblib (pip install -e '.[sweep]'), hydra/launcher=submitit_slurm "
+            "(pip install -e '.[slurm]'), hydra/launcher=slurm (pip install -e '.[slurm]')\n"
+            ) in out
+
+
+@pytest.mark.parametrize("group, presets", [("pretrain", None),
+                                            ("trainer", "trainer=cpu|ddp|default|gpu")])
+def test_help_for_one_group_lists_only_its_keys_and_presets(capsys, group, presets):
+    main(["--help", group])
+    out = capsys.readouterr().out
+    assert help_keys(out) == [k.path for k in schema.leaves() if k.path.startswith(f"{group}.")]
+    assert out.startswith(f"{group}: {schema.sections()[group]}\n")
+    assert ("presets: " in out) == (presets is not None)
+    if presets:
+        assert out.endswith(f"\npresets: {presets}\n")
+
+
+def test_help_for_a_preset_group_lists_its_presets(capsys):
+    main(["-h", "experiment"])
+    assert capsys.readouterr().out == ("presets: experiment=" + "|".join(sorted(
+        p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))) + "\n")
+
+
+def test_help_for_an_unknown_group_is_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help", "pretrian"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and not out
+    assert err.startswith("saelab: error: --help='pretrian': no such group; the groups: ")
+    assert err.count("\n") == 1 and "pretrain, probe" in err and "experiment" in err
 
 
 def test_help_lists_the_presets_from_their_files_and_version_is_saelabs():

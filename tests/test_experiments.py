@@ -97,20 +97,32 @@ def test_optuna_search_runs_and_reports_the_best_validation_accuracy(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_optuna_study_stored_in_sqlite_runs_and_resumes(tmp_path):
-    """The [sweep] extra's pins: optuna 2.10 with SQLite storage (a bare AssertionError with
-    SQLAlchemy 2), and a second invocation continuing the stored study."""
+def test_an_optuna_study_samples_its_written_space_and_resumes_from_sqlite(tmp_path):
+    """Six trials of a study stored in SQLite, four in a first invocation and two resuming it.
+    Each parameter the study sampled lies in the space as written, a range without its end (with
+    hydra-optuna-sweeper 1.3, range(1,3) also sampled 3), and each trial ran what it sampled."""
     optuna = pytest.importorskip("optuna")
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    for n_trials, sweep in ((2, "first"), (1, "again")):
-        cmd = [sys.executable, "-m", "saelab", "hparams_search=optuna", *SMALL,
-               f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweeper.storage={storage}",
-               "hydra.sweeper.study_name=s", f"hydra.sweep.dir={tmp_path / sweep}"]
+    space = {"pretrain.epochs": "range(1,3)", "finetune.epochs": "range(1,3)"}
+    quick = [o for o in SMALL if o.split("=")[0] not in space]
+    for n_trials, sweep in ((4, "first"), (2, "again")):
+        cmd = [sys.executable, "-m", "saelab", "hparams_search=optuna", *quick,
+               *(f"{k}={v}" for k, v in space.items()), f"hydra.sweeper.n_trials={n_trials}",
+               f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=s",
+               f"hydra.sweep.dir={tmp_path / sweep}"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    study = optuna.load_study(study_name="s", storage=storage)
-    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
-    assert len(list((tmp_path / "again").glob("*/metrics.json"))) == 1
+        assert "execution whitelist" not in proc.stderr  # Hydra 1.4 trusts saelab's callback
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert [(t.number, t.state.name) for t in trials] == [(n, "COMPLETE") for n in range(6)]
+    for t in trials:
+        assert t.params["pretrain.epochs"] in (1, 2) and t.params["finetune.epochs"] in (1, 2)
+        assert 1e-4 <= t.params["pretrain.lr"] <= 1e-2 and 1e-4 <= t.params["finetune.lr"] <= 3e-3
+    jobs = [tmp_path / "first" / str(n) for n in range(4)] + [
+        tmp_path / "again" / str(n) for n in range(2)]
+    for t, job in zip(trials, jobs, strict=True):
+        ran = json.loads((job / "metrics.json").read_text())["config"]
+        assert {key: OmegaConf.select(OmegaConf.create(ran), key) for key in t.params} == t.params
 
 
 @pytest.mark.parametrize("launcher, target", [("joblib", "JoblibLauncher"),

@@ -2,22 +2,25 @@
 
 Before Hydra starts anything (a folder, a log, a job), the front door composes the config of every
 job through Hydra's Compose API (a basic sweep expanded into its jobs; for an Optuna search each
-choice and both ends of each interval), checks it, and resolves `resume=RUN_DIR`. A bad value, an
-unknown key or preset, a missing plugin: one line naming the key, the value and what is allowed,
-exit 2, nothing left behind. Only then does Hydra run the jobs, in `hydra_main`. Nothing here
-imports torch before a job starts, so `--help`, `--cfg job` and shell completion answer at once.
+choice and both ends of each interval or range, as the sweeper reads them), checks it, and
+resolves `resume=RUN_DIR`. A bad value, an unknown key or preset, a missing plugin: one line
+naming the key, the value and what is allowed, exit 2, nothing left behind. Only then does Hydra
+run the jobs, in `hydra_main`. Nothing here imports torch before a job starts, so `--help`,
+`--cfg job` and shell completion answer at once.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import logging
 import os
+import pkgutil
 import sys
 import time
 import warnings
 from contextlib import nullcontext
 from importlib.resources import files
+from importlib.util import find_spec
 from pathlib import Path
 
 import hydra
@@ -26,9 +29,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from saelab import __version__
+from saelab import __version__, schema
 from saelab.config import (
     CONFIG_MODULE,
+    PLUGINS,
     check_folder,
     check_paths,
     compose_raw,
@@ -70,15 +74,6 @@ def is_data_parallel_child() -> bool:
     return any(os.environ.get(v, "0") != "0" for v in ("LOCAL_RANK", "RANK"))
 
 
-def override_text(key: str, value) -> str:
-    """`key=value` in Hydra's override grammar (lists as [a,b], strings quoted when needed)."""
-    if isinstance(value, list | tuple):
-        return f"{key}=[{','.join(override_text('', v)[1:] for v in value)}]"
-    if isinstance(value, str) and not value.replace("_", "").replace(".", "").isalnum():
-        return f"{key}={json.dumps(value)}"
-    return f"{key}={value}"
-
-
 def is_optuna(cfg: DictConfig) -> bool:
     """Whether the config's sweeper is the Optuna search (not the basic one)."""
     return "optuna" in str(cfg.hydra.sweeper.get("_target_", "")).lower()
@@ -86,31 +81,37 @@ def is_optuna(cfg: DictConfig) -> bool:
 
 def sweep_jobs(cfg: DictConfig, overrides: list[str]) -> list[list[str]]:
     """The overrides of every job of a sweep to check: a basic sweep's jobs; for the Optuna
-    sweeper, each choice and both ends of each interval or range, one parameter at a time."""
+    sweeper, each choice and both ends of each distribution, one parameter at a time. The
+    distributions are the sweeper's own reading of the search space (a range's end is not in
+    it), so the values checked are the bounds of those it samples. Raises ConfigError for a
+    parameter the sweeper cannot read (an empty range, a zero step)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(overrides)
     if not is_optuna(cfg):
         return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     params = {k: str(v) for k, v in (cfg.hydra.sweeper.get("params") or {}).items()}
+    # as the sweeper reads them: the command line's sweeps join the space, its fixed values
+    # take their key out of it
     params |= {o.key_or_group: o.input_line.split("=", 1)[1] for o in parsed
-               if o.is_sweep_override()}
+               if o.is_sweep_override() or o.key_or_group in params}
     jobs = [fixed]
     for key, spec in params.items():
         (o,) = parser.parse_overrides([f"{key}={spec}"])
         if not o.is_sweep_override():
             jobs.append([*fixed, o.input_line])
             continue
-        sweep = o.value()
-        if hasattr(sweep, "start") and not hasattr(sweep, "step"):  # an interval: its two ends
-            cast = int if "int" in sweep.tags else float
-            values = [cast(sweep.start), cast(sweep.end)]
-        else:
-            values = list(o.sweep_iterator())
-            values = values if hasattr(sweep, "list") else values[:1] + values[-1:]
-        jobs += [[*fixed, override_text(key, v)] for v in values]
+        try:
+            distribution = create_optuna_distribution_from_override(o)
+        except ValueError as exc:
+            raise ConfigError(key, spec, str(exc)) from None
+        # a choice's options (as override text, the sweeper's encoding) or the two ends
+        values = getattr(distribution, "choices", None) or (distribution.low, distribution.high)
+        jobs += [[*fixed, f"{key}={v}"] for v in values]
     return jobs
 
 
@@ -165,7 +166,11 @@ def front_door(multirun: bool, overrides: list[str]) -> tuple[list[str], bool]:
     check_folder("hydra.sweep.dir", cfg.hydra.sweep.dir)
     if not is_optuna(cfg):  # the very jobs Hydra will run (an Optuna search's are drawn as it goes)
         CHECKED.update({key: (job, list(key)) for key, job in jobs.items()})
-    return overrides, True
+    # Hydra 1.4 reads the mode from the primary config and the command line only: the MULTIRUN
+    # of a preset (hparams_search=optuna) goes on the command line
+    if multirun or any(o.key_or_group == "hydra.mode" for o in parsed):
+        return overrides, True
+    return [*overrides, "hydra.mode=MULTIRUN"], True
 
 
 def prepare(jobs: list[DictConfig]) -> None:
@@ -187,14 +192,61 @@ def prepare(jobs: list[DictConfig]) -> None:
                                   f"cannot open the MLflow store ({reason})") from None
 
 
-def help_text() -> str:
+def help_text(group: str | None = None) -> str:
     """saelab's help: the template in conf/config.yaml (`hydra.help`) with the config groups and
-    their options listed from the files. Rendered here rather than by Hydra, whose `--help`
-    composes every option of every group first (about a second)."""
+    their options listed from the files, the launchers and sweepers, and every key from the
+    schema; with `group`, that group's keys and presets only. Rendered here rather than by Hydra,
+    whose `--help` composes every option of every group first (about a second)."""
+    groups = config_groups()
+    if group is not None:
+        sections = schema.sections()
+        if group not in sections and group not in groups:
+            raise ConfigError("--help", group, "no such group; the groups: "
+                              f"{', '.join(sorted(sections.keys() | groups.keys()))}")
+        presets = f"presets: {group}={'|'.join(groups[group])}" if group in groups else ""
+        return "\n".join(filter(None, (schema.text(group) if group in sections else "",
+                                        presets)))
     template = OmegaConf.load(files(CONFIG_MODULE) / "config.yaml").hydra.help.template
-    listing = "\n".join(f"{name}: {', '.join(options)}"
-                        for name, options in config_groups().items())
-    return template.replace("$APP_CONFIG_GROUPS", listing)
+    listing = "\n".join(f"{name}: {', '.join(options)}" for name, options in groups.items())
+    return (template.replace("$APP_CONFIG_GROUPS", listing)
+            .replace("$APP_PLUGINS", plugins_text()).replace("$APP_KEYS", schema.text()))
+
+
+def plugins_text() -> str:
+    """The launchers and sweepers installed: Hydra's basic ones, the Hydra plugins (registered by
+    importing their config modules, which import neither torch nor the library they drive) and
+    saelab's presets in conf/hydra/launcher whose plugin is there; then the missing ones, with
+    the extra that installs them."""
+    from hydra.core.config_store import ConfigStore
+
+    namespace = find_spec("hydra_plugins")  # there once any Hydra plugin is installed
+    for plugin in pkgutil.iter_modules(namespace.submodule_search_locations if namespace else []):
+        if find_spec(f"hydra_plugins.{plugin.name}.config") is not None:
+            importlib.import_module(f"hydra_plugins.{plugin.name}.config")
+    found = {}
+    for kind in ("launcher", "sweeper"):
+        names = {"basic"} | {n.removesuffix(".yaml") for n in
+                             ConfigStore.instance().list(f"hydra/{kind}") if n.endswith(".yaml")}
+        presets = files(CONFIG_MODULE) / "hydra" / kind
+        for preset in presets.iterdir() if presets.is_dir() else ():
+            needs = OmegaConf.load(preset).get("defaults", [])
+            if {str(d) for d in needs} - {"_self_"} <= names:
+                names.add(preset.name.removesuffix(".yaml"))
+        found[f"hydra/{kind}"] = sorted(names)
+    lines = [f"  {group}={'|'.join(names)}" for group, names in found.items()]
+    missing = []
+    for plugin, extra in PLUGINS.items():
+        group, _, name = plugin.rpartition("/")
+        if name not in found[group]:
+            missing.append(f"{group}={name} (pip install -e '.[{extra}]')")
+    return "\n".join(lines + ([f"  not installed: {', '.join(missing)}"] if missing else []))
+
+
+def help_group(argv: list[str]) -> str | None:
+    """The GROUP of `saelab --help GROUP` (the word after --help or -h), if any."""
+    at = max(argv.index(a) for a in ("--help", "-h") if a in argv) + 1
+    word = argv[at] if at < len(argv) else ""
+    return word if word and not word.startswith("-") and "=" not in word else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,19 +257,20 @@ def main(argv: list[str] | None = None) -> None:
     if "--version" in argv:
         print(f"saelab {__version__}")
         return
-    if "--help" in argv or "-h" in argv:
-        print(help_text())
-        return
-    register()
-    args = get_args_parser().parse_args(argv)
     sweep = False
-    if not (args.hydra_help or args.shell_completion or args.info or is_data_parallel_child()):
-        try:
+    try:
+        if "--help" in argv or "-h" in argv:
+            print(help_text(help_group(argv)))
+            return
+        register()
+        args = get_args_parser().parse_args(argv)
+        if not (args.hydra_help or args.shell_completion or args.info
+                or is_data_parallel_child()):
             checked, sweep = front_door(args.multirun, args.overrides)
-        except ConfigError as exc:
-            print(f"saelab: error: {exc}", file=sys.stderr)
-            sys.exit(2)
-        argv = [a for a in argv if a not in args.overrides] + checked
+            argv = [a for a in argv if a not in args.overrides] + checked
+    except ConfigError as exc:
+        print(f"saelab: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     quiet()
     sys.argv = [sys.argv[0], *argv]
     with sweep_handled() if sweep else nullcontext():
@@ -240,7 +293,9 @@ def in_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-@hydra.main(version_base="1.3", config_path="pkg://saelab.conf", config_name="config")
+# Hydra 1.4 warns (1.5 refuses) when it instantiates a target from the config (here the sweep's
+# summary callback) without a whitelist from the code: saelab trusts its own classes.
+@hydra.main(config_path="pkg://saelab.conf", config_name="config", execution_whitelist=["saelab.*"])
 def hydra_main(cfg: DictConfig) -> float | None:
     """Run one job and return the fine-tuned validation accuracy (a sweep's objective; None
     without a validation split or when the job failed)."""
@@ -285,7 +340,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def fail(exc: Exception, what: str, code: int) -> None:
     """A failed job: one line and exit `code`. In a multirun the sweep goes on (the error is in
     the job's metrics.json, a row of the sweep summary) and the job returns None, which the
-    Optuna sweeper records as a failed trial (NaN would crash optuna 2's `tell`)."""
+    Optuna sweeper records as a failed trial."""
     print(f"saelab: {what}: {exc}", file=sys.stderr)
     if not in_multirun():
         sys.exit(code)

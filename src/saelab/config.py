@@ -35,7 +35,7 @@ from saelab.schema import (
     ReconLoss,
     Sparsity,
     Strategy,
-    bound_texts,
+    bounds_text,
     followers,
     leaves,
     register,
@@ -77,7 +77,7 @@ def hydra_compose() -> Iterator:
     if GlobalHydra.instance().is_initialized():  # inside a Hydra app: compose beside it
         yield compose
         return
-    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+    with initialize_config_module(CONFIG_MODULE):
         yield compose
 
 
@@ -167,8 +167,9 @@ def omegaconf_error(exc: OmegaConfBaseException, given: str | None = None) -> Co
 
 def no_such_key(key: str, value: Any, why: str = "") -> ConfigError:
     parent = key.rsplit(".", 1)[0] if "." in key else ""
+    listing = f"saelab --help {key.split('.')[0]}" if parent else "saelab --help"
     return ConfigError(key, value, f"no such key{f' in {parent}' if parent else ''}{why} (the "
-                       "keys: saelab --help)")
+                       f"keys: {listing})")
 
 
 # Plugins named by a preset or override, and the extra that installs them.
@@ -217,7 +218,7 @@ def check_bounds(cfg: DictConfig) -> None:
         if any(_bad_bound(v, k.bounds) for v in values):
             shown = values if isinstance(value, ListConfig | list) else value
             every = "every element " if isinstance(value, ListConfig | list) else ""
-            raise ConfigError(k.path, shown, f"{every}must be {' and '.join(bound_texts(k))}")
+            raise ConfigError(k.path, shown, f"{every}must be {bounds_text(k.bounds, ' and ')}")
 
 
 def validate(cfg: DictConfig, files: bool = True) -> None:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import copy
 import re
+import textwrap
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_dataclass
 from enum import StrEnum
+from itertools import groupby
 from typing import Any
 
 from omegaconf import II
@@ -390,8 +392,9 @@ class Config:
     store: str | None = key(None, "a folder of finished stages shared between runs: a stage "
                             "whose fingerprint is there is copied, not trained")
     progress: ProgressMode = key(ProgressMode.auto, "progress display")
-    data: DataConfig = key(DataConfig(), "data")
-    model: ModelConfig = key(ModelConfig(), "network")
+    data: DataConfig = key(DataConfig(), "the data set: classes, validation split, pixel "
+                                 "scaling, limits")
+    model: ModelConfig = key(ModelConfig(), "the stacked network")
     baseline: StageConfig = key(StageConfig(), "softmax regression on raw pixels")
     pretrain: PretrainConfig = key(PretrainConfig(), "greedy layer-wise pretraining, one "
                                    "autoencoder per layer")
@@ -416,7 +419,7 @@ def register() -> None:
     as a choice by `--help` or shell completion."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config, replace=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,14 +443,17 @@ class Key:
         return next((e for e in StrEnum.__subclasses__() if e.__name__ == name), None)
 
 
-def leaves(cls: type = Config, prefix: str = "") -> list[Key]:
+def leaves(node: Any = Config, prefix: str = "") -> list[Key]:
     """Every leaf key of the schema, depth first, in declaration order."""
     out = []
-    for f in fields(cls):
+    for f in fields(node):
         path = f"{prefix}{f.name}"
-        default = f.default if f.default is not MISSING else f.default_factory()
+        if not isinstance(node, type):  # a group's default instance sets its own values
+            default = getattr(node, f.name)  # (scratch.dropout follows finetune.dropout)
+        else:
+            default = f.default if f.default is not MISSING else f.default_factory()
         if is_dataclass(default):
-            out += leaves(type(default), f"{path}.")
+            out += leaves(default, f"{path}.")
         else:
             out.append(Key(path, f.type, default, f.metadata["doc"], f.metadata["bounds"]))
     return out
@@ -465,17 +471,32 @@ def followers() -> dict[str, list[str]]:
 BOUND_TEXT = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
-def bound_texts(k: Key) -> list[str]:
-    """The key's bounds in words: [">= 0", "<= 4294967295"]."""
-    return [f"{BOUND_TEXT[b]} {int(v) if float(v).is_integer() else f'{v:g}'}"
-            for b, v in k.bounds.items()]
+def sections() -> dict[str, str]:
+    """The groups of keys (`data`, `pretrain`, ...), each with what it holds."""
+    return {f.name: f.metadata["doc"] for f in fields(Config)
+            if f.default is MISSING and is_dataclass(f.default_factory())}
+
+
+def bounds_text(bounds: dict[str, float], joiner: str = ", ") -> str:
+    """A key's range in words: `>= 0, <= 9`."""
+    return joiner.join(f"{BOUND_TEXT[b]} {int(v) if float(v).is_integer() else f'{v:g}'}"
+                       for b, v in bounds.items())
+
+
+def default_text(k: Key) -> str:
+    if isinstance(k.default, list):  # enums by their names
+        return "[" + ", ".join(str(v) for v in k.default) + "]"
+    return "null" if k.default is None else str(k.default)
 
 
 def type_text(k: Key) -> str:
     """The key's type in words, with its choices."""
     if k.choices is not None:
-        return " \\| ".join(k.choices)
+        return " | ".join(k.choices)
     t = k.type if isinstance(k.type, str) else getattr(k.type, "__name__", str(k.type))
+    listed = next((e for e in StrEnum.__subclasses__() if t == f"list[{e.__name__}]"), None)
+    if listed is not None:
+        return f"list of {' | '.join(listed)}"
     return t.replace("|", "or").replace(" None", " null")
 
 
@@ -487,10 +508,28 @@ def markdown() -> str:
              "Values like `${finetune.lr}` follow the key they name unless set.", "",
              "| key | type | default | range | description |", "|---|---|---|---|---|"]
     for k in leaves():
-        bounds = ", ".join(bound_texts(k))
-        default = "null" if k.default is None else str(k.default).replace("|", "\\|")
-        lines.append(f"| `{k.path}` | {type_text(k)} | `{default}` | {bounds} | {k.doc} |")
+        cells = (f"`{k.path}`", type_text(k), f"`{default_text(k)}`", bounds_text(k.bounds),
+                 k.doc)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def text(section: str | None = None, width: int = 100) -> str:
+    """The keys for `saelab --help`: `key=default  [type, range]  meaning`, one entry per key
+    (wrapped at `width`), the top-level keys first, then each group under what it holds; with
+    `section`, that group's keys only."""
+    docs, lines = sections(), []
+    for name, keys in groupby(leaves(), key=lambda k: k.path.rpartition(".")[0].split(".")[0]):
+        if section not in (None, name):
+            continue
+        lines.append(f"{name}: {docs[name]}" if name else "top level:")
+        for k in keys:
+            kind = ", ".join(filter(None, (type_text(k), bounds_text(k.bounds))))
+            # Lists as typed on the command line ([0,9]), so that no wrap splits a default.
+            entry = f"{k.path}={default_text(k).replace(', ', ',')}  [{kind}]  {k.doc}"
+            lines.append(textwrap.fill(entry, width, initial_indent="  ",
+                                       subsequent_indent="      ", break_on_hyphens=False))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
