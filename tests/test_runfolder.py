@@ -60,7 +60,7 @@ def test_checkpoints_record_the_fingerprint_of_exactly_the_keys_each_stage_reads
     assert [s.name for s in plan(cfg)] == STAGES
     for name in STAGES:
         saved = read_checkpoint(finished / "checkpoints" / f"{name}.pt")
-        assert saved["fingerprint"] == want[name].fingerprint and saved["format"] == 2
+        assert saved["fingerprint"] == want[name].fingerprint and saved["format"] == 3
         assert set(saved["rng"]) == {"cpu", "cuda"}
     layer2 = want["pretrain_layer2"]
     assert layer2.consumes == {"pretrain_layer1": want["pretrain_layer1"].fingerprint}

@@ -22,8 +22,8 @@ MICRO = ["debug=quick", "model.sizes=[784,16,8]", "data.labels_per_class=5", "se
          *(f"{arm}.{k}={v}" for arm in ("finetune",) for k, v in (
              ("steps_per_epoch", 3), ("sample_with_replacement", "true"), ("epochs", 2))),
          "finetune.augment.shift=1", "tune.trials=2",
-         "tune.space=[lr=tag(log,interval(1e-3,3e-2)),dropout.hidden=choice(0,0.2),"
-         "encoder_lr_scale=choice(0.3,1),threshold=choice(0.3,0.5)]"]
+         'tune.space=["lr=tag(log,interval(1e-3,3e-2))","dropout.hidden=choice(0,0.2)",'
+         '"encoder_lr_scale=choice(0.3,1)","threshold=choice(0.3,0.5)"]']
 
 
 def weights(run_dir) -> dict[str, dict]:
