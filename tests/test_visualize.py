@@ -90,38 +90,115 @@ def test_pca_2d_gives_the_two_largest_variances_in_order():
     assert abs(float(points[:, 0] @ points[:, 1])) < 1e-2 * len(points)
 
 
-@pytest.mark.parametrize("d, shape", [(784, (28, 28)), (196, (14, 14)), (49, (7, 7)),
-                                      (25, (5, 5)), (9, (3, 3)), (30, (1, 30)),
-                                      (300, (17, 18))])
-def test_grid_shape_squares_strips_and_wraps(d, shape):
-    assert vis.grid_shape(d) == shape
-    images = vis.as_images(torch.arange(float(d)).reshape(1, d))
-    assert images.shape == (1, *shape)
-    assert np.isnan(images).sum() == shape[0] * shape[1] - d
+def test_as_images_draws_only_square_pixel_vectors():
+    images = vis.as_images(torch.arange(784.0).reshape(1, 784))
+    assert images.shape == (1, 28, 28) and images[0, 1, 0] == 28  # row-major, as MNIST
+    with pytest.raises(ValueError, match="not a square image"):
+        vis.as_images(torch.zeros(2, 196 + 1))
 
 
-@pytest.mark.parametrize("d_in, d_code", [(784, 196), (196, 49), (49, 30), (25, 9)])
-def test_layer_panel_cells_follow_the_layer_sizes(d_in, d_code):
+def strip_values(canvas: np.ndarray, row: int, d: int, unit_px: int) -> np.ndarray:
+    """The d values of heat strip `row` (strips TILE_PX high, 12 pixels apart), one per unit."""
+    band = canvas[row * (vis.TILE_PX + 12): (row + 1) * vis.TILE_PX + row * 12]
+    assert (band == band[:1]).all()  # a strip: every pixel row the same
+    units = band[0].reshape(d, unit_px)
+    assert (units == units[:, :1]).all()  # a band per unit, of whole pixels
+    return units[:, 0]
+
+
+@pytest.mark.parametrize("d_in, d_code", [(196, 49), (49, 25), (25, 9)])
+def test_layer_panel_draws_codes_as_numbered_strips_aligned_with_the_images(d_in, d_code):
     n = 3
-    inputs, codes = torch.rand(n, d_in) * 2 - 1, torch.rand(n, d_code) * 2 - 1
-    fig = vis.layer_panel(inputs, codes, inputs.flip(1), [str(i) for i in range(n)], 2, (-1, 1))
-    canvas = fig.axes[0].images[0].get_array().filled(np.nan)
-    sizes = [vis.enlarge(vis.as_images(v[:1])).shape[1:] for v in (inputs, codes, inputs)]
-    # each row holds the three enlarged images, their values intact, and nothing else
-    assert np.isfinite(canvas).sum() == n * sum(h * w for h, w in sizes)
-    assert canvas.shape[0] == n * max(h for h, _ in sizes) + (n - 1) * 12
-    assert canvas.shape[1] == sum(w for _, w in sizes) + 2 * 12
-    first = vis.enlarge(vis.as_images(inputs[:1]))[0]
-    top = (max(h for h, _ in sizes) - first.shape[0]) // 2
-    np.testing.assert_array_equal(canvas[top: top + first.shape[0], : first.shape[1]], first)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(n, 784, generator=gen) * 2 - 1
+    inputs, codes = torch.randn(n, d_in, generator=gen), torch.randn(n, d_code, generator=gen)
+    columns = [("test image", images, True), ("input", inputs, False), ("code", codes, False),
+               ("output", inputs.flip(1), False)]
+    fig = vis.layer_panel(columns, [f"sample {i}" for i in range(n)], (-1, 1), "T", "how")
+    strips = fig.axes[1:4]
+    canvases = [ax.images[0].get_array().filled(np.nan) for ax in fig.axes[:4]]
+    assert len({c.shape[0] for c in canvases}) == 1  # every panel's rows line up
+    unit_px = canvases[2].shape[1] // d_code
+    for ax, canvas, (header, values, _) in zip(strips, canvases[1:], columns[1:], strict=True):
+        d = values.shape[1]
+        assert canvas.shape[1] == d * unit_px and ax.get_title() == header
+        for row in range(n):
+            np.testing.assert_array_equal(strip_values(canvas, row, d, unit_px), values[row])
+        # the tick labels name the unit under them, counted from 0
+        for tick in ax.get_xticklabels():
+            unit = int(tick.get_text())
+            assert 0 <= unit < d and tick.get_position()[0] == (unit + 0.5) * unit_px - 0.5
+        assert ax.get_xlabel() == "unit"
+    # one symmetric scale for every strip, wide enough for all their values
+    limits = {ax.images[0].get_clim() for ax in strips}
+    (low, high), = limits
+    assert -low == high >= max(float(v.abs().max()) for _, v, _ in columns[1:])
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [f"sample {i}"
+                                                                     for i in range(n)]
+    assert fig.get_suptitle() == "T" and fig.get_supxlabel() == "how"
 
 
-def test_tile_grid_normalises_each_tile_symmetrically():
+@pytest.mark.parametrize("n, sets", [(9, 1), (49, 2), (196, 2)])
+def test_unit_grid_numbers_every_cell_above_the_tiles_of_its_unit(n, sets):
+    gen = torch.Generator().manual_seed(n)
+    tiles = [torch.randn(n, 784, generator=gen) * 10 ** i for i in range(sets)]
+    fig = vis.unit_grid(tiles, "T", "how")
+    ax = fig.axes[0]
+    canvas = ax.images[0].get_array().filled(np.nan)
+    labels = {int(t.get_text()): t.get_position() for t in ax.texts}
+    assert sorted(labels) == list(range(n))
+    side = round((np.isfinite(canvas).sum() / (n * sets * 784)) ** 0.5) * 28  # enlarged tile
+    factor = side // 28
+    for j, (x, y) in labels.items():
+        top, left = round(y) + vis.LABEL_PX, round(x)
+        for s, unit_tiles in enumerate(tiles):  # side by side, 2 * `factor` pixels apart
+            shown = canvas[top: top + side, left + s * (side + 2 * factor):][:, :side]
+            expected = vis.normalise_tiles(unit_tiles)[j].view(28, 28).numpy()
+            np.testing.assert_allclose(shown[::factor, ::factor], expected, rtol=1e-6)
+    assert np.nanmax(np.abs(canvas)) == pytest.approx(1.0)
+    assert fig.get_suptitle() == "T" and fig.get_supxlabel() == "how"
+
+
+def test_tile_normalisation_keeps_each_tiles_sign_pattern():
     tiles = torch.randn(9, 49) * torch.logspace(-3, 3, 9)[:, None]
     normalised = vis.normalise_tiles(tiles)
     torch.testing.assert_close(normalised.abs().amax(1), torch.ones(9))
     assert torch.equal(normalised.sign(), tiles.sign())
-    canvas = vis.tile_grid(tiles, "t").axes[0].images[0].get_array().filled(np.nan)
-    assert np.nanmax(np.abs(canvas)) == pytest.approx(1.0)
-    scale = (np.isfinite(canvas).sum() / (9 * 49)) ** 0.5  # every value enlarged alike
-    assert scale == int(scale) >= 2
+
+
+def test_kept_epoch_is_the_best_validation_epoch_else_the_last():
+    accs = [{"epoch": e, "train_loss": 1 / e, "val_acc": a}
+            for e, a in enumerate([0.5, 0.9, 0.7, 0.9], start=1)]
+    assert vis.kept_epoch(accs, "val_acc", "max") == 2  # the first of equal bests
+    mses = [{"epoch": e, "train_loss": 1.0, "val_recon_mse": v}
+            for e, v in enumerate([0.3, 0.1, 0.2], start=1)]
+    assert vis.kept_epoch(mses, "val_recon_mse", "min") == 2
+    unvalidated = [{"epoch": e, "train_loss": 1.0} for e in (1, 2, 3)]
+    assert vis.kept_epoch(unvalidated, "val_acc", "max") == 3
+    assert vis.kept_epoch([], "val_acc", "max") is None
+
+
+def test_curves_have_integer_epochs_and_star_each_kept_epoch():
+    layer = [{"epoch": e, "train_loss": 1 / e, "val_recon_mse": [0.3, 0.1, 0.2][e - 1]}
+             for e in (1, 2, 3)]
+    unvalidated_layer = [{"epoch": e, "train_loss": 1 / e} for e in (1, 2, 3, 4)]
+    classifiers = {"probe": [{"epoch": e, "train_loss": 1 / e, "val_acc": a}
+                             for e, a in enumerate([0.5, 0.9, 0.7, 0.8, 0.6], start=1)]}
+    fig = vis.curves_figure([layer, unvalidated_layer], classifiers,
+                            ("val_recon_mse", "min"), ("val_acc", "max"))
+    recon, loss, acc = fig.axes
+    vis.render(fig)
+    for ax in (recon, loss, acc):
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+        assert ax.get_xlabel() == "epoch" and ax.get_title() and ax.get_ylabel()
+        assert "kept epoch" in ax.get_legend().texts[-1].get_text()
+
+    def stars(ax):
+        return sorted((float(line.get_xdata()[0]), float(line.get_ydata()[0]))
+                      for line in ax.lines if line.get_marker() == "*")
+
+    # layer 1 at its best validation MSE, the unvalidated layer 2 at its last training loss
+    assert stars(recon) == [(2.0, 0.1), (4.0, 0.25)]
+    assert stars(acc) == [(2.0, 0.9)]
+    assert stars(loss) == [(2.0, 0.5)]  # the same epoch on the training loss
