@@ -70,14 +70,16 @@ def test_every_figure_of_a_tiny_run_says_what_it_shows(tiny_run):
             numbers = sorted(int(t.get_text()) for t in fig.axes[0].texts)
             assert numbers == list(range(SIZES[k])), name
             assert vis.UNIT_NUMBERING in fig.get_supxlabel().replace("\n", " ").lower()
-        through = "decoder 1 " if k == 1 else f"decoders {', '.join(map(str, range(k, 0, -1)))} "
+        through = ("through decoder 1," if k == 1
+                   else f"through decoders {', '.join(map(str, range(k, 0, -1)))},")
         assert through in figures[f"features_layer{k}.png"].get_supxlabel().replace("\n", " ")
         assert "pixel noise" in figures[f"features_layer{k}_actmax.png"].get_supxlabel()
-        panel = figures[f"layer{k}_reconstruction.png"]
-        strips = [ax for ax in panel.axes if ax.get_xlabel() == "unit"]
-        assert [int(ax.get_xticklabels()[0].get_text()) for ax in strips] == [0] * len(strips)
-        assert len(strips) == (1 if k == 1 else 3) and all(ax.get_title() for ax in strips)
-        assert len(panel.axes[0].get_yticklabels()) == 10  # a labelled row per test image
+        panel = figures[f"layer{k}_reconstruction.png"].axes[0]
+        headers = [t.get_text() for t in panel.texts]  # test image, input, code, output
+        assert len(headers) == (3 if k == 1 else 4) and all(headers)
+        strips = [t.get_text() for t in panel.get_xticklabels()].count("0")  # units from 0
+        assert strips == (1 if k == 1 else 3) and panel.get_xlabel().startswith("unit")
+        assert len(panel.get_yticklabels()) == 10  # a labelled row per test image
     curves = figures["curves.png"]
     for ax in curves.axes:
         assert ax.get_xlabel() == "epoch" and ax.get_ylabel()

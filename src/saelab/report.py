@@ -116,8 +116,8 @@ def reconstruction_pictures(run, stack: torch.nn.Sequential, samples) -> Iterato
     labels = [f"{data.class_names[int(data.test_y[i])]}\n(test {i})" for i in idx]
     pixels = (data.background, 1.0)
     gray = f"Pixels in gray, {pixels[0]:g} black to {pixels[1]:g} white."
-    strips = ("Codes are vectors, not images: each is drawn as a heat strip, one band per unit "
-              f"({vis.UNIT_NUMBERING}), coloured by the unit's value (scale at right).")
+    strips = ("Codes are vectors, not images: each is a heat strip, one band per unit "
+              f"({vis.UNIT_NUMBERING}), coloured by its value (scale at right).")
     linear = run.cfg.pretrain.codes == Codes.pre_activation
     for k, ae in enumerate(aes, start=1):
         hidden = ae.encode(inputs)
@@ -132,8 +132,8 @@ def reconstruction_pictures(run, stack: torch.nn.Sequential, samples) -> Iterato
             below = f"layer {k - 1} code{' before its activation' if linear else ''}"
             columns = [("test image", x, True), (f"input: {below}, {d_in} units", inputs, False),
                        code, (f"output: that input reconstructed, {d_in} units", recon, False)]
-            how = (f"Each row: one test image (at left, in gray, for orientation); this layer's "
-                   f"input is its {below}. {strips} Input and output line up unit by unit.")
+            how = (f"Each row: one test image (at left, for orientation); this layer's input is "
+                   f"its {below}. {strips} Input and output line up unit by unit.")
         yield Picture(f"layer{k}_reconstruction.png", f"pretrain/layer{k}/reconstruction",
                       f"Layer {k} autoencoder: input, code and reconstruction of test images",
                       vis.layer_panel(columns, labels, pixels,
@@ -168,18 +168,19 @@ def feature_pictures(run, nets: dict[str, torch.nn.Sequential],
     tiles = (f"{vis.UNIT_NUMBERING.capitalize()}. Each tile is scaled to its own largest "
              f"|value|: red positive, blue negative, white zero.")
     method = (f"the input of L2 norm {actmax.norm:g} within the pixel range that drives the unit "
-              f"hardest, found by {actmax.steps} steps of projected gradient ascent from a small "
-              f"random start (Erhan et al. 2009)")
+              f"hardest ({actmax.steps} steps of projected gradient ascent)")
+    codes = run.splits().test_x
     for k, ae in enumerate(aes, start=1):
         n, through = ae.encoder.out_features, decoders(k)
         decoded = vis.unit_features(aes[:k])
-        constant = constant_units(run, nets["pretrained"][: 2 * k])
+        codes = encode(nets["pretrained"][2 * k - 2: 2 * k], codes)  # layer k's, of the test set
+        constant = constant_units(codes)
         yield Picture(f"features_layer{k}.png", f"pretrain/layer{k}/features",
                       f"Layer {k} units decoded to pixels (biases removed)",
                       vis.unit_grid([decoded], f"Layer {k}: its {n} units decoded to pixels",
                                     f"Each numbered tile: the unit's one-hot code decoded through "
-                                    f"{through} with the biases removed, i.e. the pattern the "
-                                    f"unit adds to a reconstruction. {tiles}{constant}"))
+                                    f"{through}, biases removed: the pattern the unit adds to a "
+                                    f"reconstruction. {tiles}{constant}"))
         pretrained, reached = maximise(run, nets["pretrained"], k, n, actmax)
         finetuned, reached_ft = maximise(run, nets["fine-tuned"], k, n, actmax)
         yield Picture(
@@ -190,10 +191,9 @@ def feature_pictures(run, nets: dict[str, torch.nn.Sequential],
                 [decoded, pretrained],
                 f"Layer {k}, pretrained stack: what each unit writes (left) and what drives it "
                 f"(right)",
-                f"Each numbered cell, one unit. Left: its decoded feature, as in "
-                f"features_layer{k}.png (one-hot code through {through}, biases removed). "
-                f"Right: activation maximisation, {method}; mean activation reached "
-                f"{reached:.2f}. {tiles}{constant}\n{why_noisy(run)}"))
+                f"Each numbered cell, one unit. Left: its decoded feature (as in "
+                f"features_layer{k}.png). Right: its activation maximiser, {method}; mean "
+                f"activation reached {reached:.2f}. {tiles}{constant}\n{why_noisy(run)}"))
         yield Picture(
             f"features_layer{k}_finetuned_actmax.png", f"finetune/layer{k}/actmax",
             f"Layer {k} units before and after fine-tuning: inputs maximising each unit",
@@ -201,12 +201,11 @@ def feature_pictures(run, nets: dict[str, torch.nn.Sequential],
                 [pretrained, finetuned],
                 f"Layer {k}: input driving each unit hardest, pretrained (left) and fine-tuned "
                 f"(right)",
-                f"Each numbered cell, one unit: activation maximisation, {method}, in the "
+                f"Each numbered cell, one unit: its activation maximiser, {method}, in the "
                 f"pretrained stack (left, as in features_layer{k}_actmax.png; mean activation "
-                f"reached {reached:.2f}) and in the fine-tuned network (right; {reached_ft:.2f}). "
-                f"Fine-tuning trains the encoders on labels, so the pretrained decoders no "
-                f"longer describe its units: activation maximisation shows what it made of them. "
-                f"{tiles}"))
+                f"reached {reached:.2f}) and in the fine-tuned network (right; {reached_ft:.2f}): "
+                f"what fine-tuning made of the unit, which the pretrained decoders no longer "
+                f"describe. {tiles}"))
 
 
 def why_noisy(run) -> str:
@@ -215,27 +214,24 @@ def why_noisy(run) -> str:
         return ("With tied weights a layer-1 unit's two tiles show the same weights: its "
                 "maximiser is its encoder weight vector scaled, its decoded feature the same "
                 "vector.")
-    return ("Why the right-hand tiles look like pixel noise: a layer-1 unit's maximiser is its "
-            "encoder weight vector, scaled. Training changes those weights (almost) only along "
-            "directions in which the training images differ from one another; along the others "
-            "(the always-blank border, fine pixel-to-pixel patterns) they keep their random "
-            "initial values. Those leftovers barely change the unit's response to a real digit, "
-            "but the maximiser may use any input of its norm and draws them. Deeper units see "
-            "the pixels through layer 1's encoder weights and inherit that noise. The decoded "
-            "feature (left) is trained on every pixel and shows the pattern the unit stands "
-            "for.")
+    return ("Why the maximisers look like pixel noise: a layer-1 unit's maximiser is its "
+            "encoder weight vector, scaled. Along directions in which the training images "
+            "hardly ever differ (the always-blank border, fine pixel-to-pixel patterns), "
+            "training leaves those weights near their random initial values: they barely change "
+            "the unit's response to a digit, but the maximiser draws them. Deeper units see the "
+            "pixels through these weights. The decoded feature, trained on every pixel, shows "
+            "the unit's pattern.")
 
 
-def constant_units(run, layers: torch.nn.Sequential) -> str:
-    """A sentence naming the units of `layers`' top layer that are constant on the test set (as
-    the saturated units of a tanh layer are), or "" when there are none."""
-    spread = encode(layers, run.splits().test_x).std(0)
-    units = (spread < CONSTANT_STD).nonzero()[:, 0].tolist()
+def constant_units(codes: torch.Tensor) -> str:
+    """A sentence naming the units that are constant over the test set's `codes` (as the
+    saturated units of a tanh layer are), or "" when there are none."""
+    units = (codes.std(0) < CONSTANT_STD).nonzero()[:, 0].tolist()
     if not units:
         return ""
-    return (f" Units {', '.join(map(str, units))} ({len(units)} in all) are constant: their "
-            f"activation's standard deviation over the test images is below {CONSTANT_STD:g}. "
-            f"They act as a second bias, not as detectors, and their tiles show no feature.")
+    return (f" Constant units (standard deviation over the test images below {CONSTANT_STD:g}: "
+            f"a second bias, not detectors, so their tiles show no feature): "
+            f"{', '.join(map(str, units))}.")
 
 
 def maximise(run, body: torch.nn.Sequential, k: int, n: int,
