@@ -151,13 +151,13 @@ def test_unit_grid_numbers_every_cell_above_the_tiles_of_its_unit(n, sets):
     side = round(((canvas[..., 3] > 0).sum() / (n * sets * 784)) ** 0.5) * 28  # enlarged tile
     factor = side // 28
     colours = ScalarMappable(Normalize(-1, 1), vis.DIVERGING)  # each tile on its own max |value|
+    expected = [colours.to_rgba(vis.normalise_tiles(t).numpy(), bytes=True).reshape(n, 28, 28, 4)
+                for t in tiles]
     for j, (x, y) in labels.items():
         top, left = round(y) + vis.LABEL_PX, round(x)
-        for s, unit_tiles in enumerate(tiles):  # side by side, 2 * `factor` pixels apart
+        for s in range(sets):  # side by side, 2 * `factor` pixels apart
             shown = canvas[top: top + side, left + s * (side + 2 * factor):][:, :side]
-            expected = vis.normalise_tiles(unit_tiles)[j].view(28, 28).numpy()
-            np.testing.assert_array_equal(shown[::factor, ::factor],
-                                          colours.to_rgba(expected, bytes=True))
+            np.testing.assert_array_equal(shown[::factor, ::factor], expected[s][j])
     assert fig.get_suptitle() == "T" and fig.get_supxlabel() == "how"
 
 

@@ -106,9 +106,9 @@ def pca_2d(x: torch.Tensor) -> torch.Tensor:
 # which keeps rendering fast and pixels crisp (values are enlarged by whole-pixel repetition).
 
 TILE_PX = 56  # enlarged images, and code strips, aim at this many pixels high
-STRIPS_PX = 800  # the code strips of one reconstruction panel share about this width
+STRIPS_PX = 700  # the code strips of one reconstruction panel share about this width
 PANEL_GAP = 16  # pixels between the panels of a reconstruction figure
-GRID_PX = 900  # unit grids aim at about this width
+GRID_PX = 800  # unit grids aim at about this width
 LABEL_PX = 12  # the band above each cell of a unit grid that holds its number
 DPI = 100
 MIN_WIDTH = 5.0  # inches: room for a title above a few narrow columns
@@ -280,7 +280,7 @@ def unit_grid(sets: list[torch.Tensor], title: str, caption: str) -> Figure:
     tiles = np.stack([as_images(normalise_tiles(s)) for s in sets], 1)  # (units, sets, h, w)
     n, k, h, w = tiles.shape
     # About GRID_PX squared in all (so the 196 pairs of layer 1 stay at 28 pixels a tile).
-    factor = int(np.clip(GRID_PX / (w * math.sqrt(n * k)), 1, 6))
+    factor = int(np.clip(GRID_PX / (w * math.sqrt(n * k)), 1, 5))
     gap = np.full((h * factor, 2 * factor), np.nan, dtype=np.float32)  # a cell's tiles apart
     band = np.full((LABEL_PX, (k * w + 2 * k - 2) * factor), np.nan, dtype=np.float32)
     cells = [np.vstack([band, np.hstack([c for t in enlarge(unit, factor) for c in (gap, t)][1:])])
