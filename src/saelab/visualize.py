@@ -108,7 +108,7 @@ def pca_2d(x: torch.Tensor) -> torch.Tensor:
 TILE_PX = 56  # enlarged images, and code strips, aim at this many pixels high
 STRIPS_PX = 700  # the code strips of one reconstruction panel share about this width
 PANEL_GAP = 16  # pixels between the panels of a reconstruction figure
-GRID_PX = 800  # unit grids aim at about this width
+GRID_PX = 800  # unit grids aim at about this many pixels a side
 LABEL_PX = 12  # the band above each cell of a unit grid that holds its number
 DPI = 100
 MIN_WIDTH = 5.0  # inches: room for a title above a few narrow columns
@@ -203,7 +203,7 @@ def layer_panel(columns: list[tuple[str, torch.Tensor, bool]], labels: list[str]
     pixels as gray images on `limits`, codes as heat strips (one numbered band per unit) on one
     symmetric diverging scale shared by every strip, so that an input and its reconstruction
     compare unit by unit. The panels are coloured here and drawn as one RGBA image in one axes:
-    a figure of several axes, each with its own ticks, takes several times longer to lay out."""
+    with an axes per panel, laying out their ticks took about half of the figure's drawing."""
     codes = [values for _, values, is_pixels in columns if not is_pixels]
     unit_px = int(np.clip(STRIPS_PX // sum(c.shape[1] for c in codes), 2, 16))
     scale = math.ceil(100 * max(float(c.abs().max()) for c in codes)) / 100
@@ -296,8 +296,8 @@ def unit_grid(sets: list[torch.Tensor], title: str, caption: str) -> Figure:
     colours = ScalarMappable(Normalize(-1, 1), DIVERGING)
     show(ax, colours.to_rgba(canvas, bytes=True))  # 8-bit colours: see layer_panel
     for j in range(n):
-        # Outside the layout: the numbers sit inside the axes, and measuring hundreds of them
-        # on every layout pass would cost more than drawing them.
+        # Left out of the layout: the numbers sit inside the axes, so measuring hundreds of them
+        # on each layout pass would be wasted work.
         ax.text(centres_x[j % per_row] - width / 2, centres_y[j // per_row] - height / 2,
                 str(j), fontsize=7, ha="left", va="top", in_layout=False)
     fig.colorbar(colours, ax=ax, shrink=0.5, label="value / max |value| of its tile")
@@ -408,8 +408,8 @@ def curves_figure(pretrain: list[list[dict]], classifiers: dict[str, list[dict]]
     explain(fig, "Training curves of every stage",
             "Solid: training loss per epoch; dashed (pretraining): validation reconstruction "
             "MSE. Star: the epoch whose weights the stage kept, its best validation epoch (the "
-            "last one when it has no validation split): the test numbers and every later stage "
-            "use those weights.")
+            "last one when it has no validation split): the test numbers, and the stages that "
+            "start from this one, use those weights.")
     return fig
 
 
