@@ -14,13 +14,16 @@ from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+import saelab
+from saelab import visualize as vis
 from saelab.config import compose
 from saelab.errors import ConfigError
-from saelab.report import main
+from saelab.report import main, pictures
 
 pytestmark = pytest.mark.slow  # every test here reads the command line's tiny run
 
-LAYERS = 4  # model.sizes 784-196-49-25-9
+SIZES = [784, 196, 49, 25, 9]  # the tiny run's model.sizes
+LAYERS = len(SIZES) - 1
 
 
 def expected_figures() -> set[str]:
@@ -49,6 +52,43 @@ def test_tiny_run_leaves_every_figure(tiny_run):
     assert pngs == expected_figures()
     panel = imread(tiny_run / "figures" / "layer1_reconstruction.png")
     assert panel.shape[0] > 500 and panel.shape[2] in (3, 4)  # ten digits, one a row
+
+
+def test_every_figure_of_a_tiny_run_says_what_it_shows(tiny_run):
+    """Each figure renders with a title; what it draws is labelled: units numbered from 0 in
+    the unit grids and along the code strips, samples, classes, axes and the kept epochs."""
+    run = saelab.load_run(tiny_run)
+    figures = {p.file: p.figure for p in pictures(run, run.cfg.visualize)}
+    assert set(figures) == expected_figures()
+    for name, fig in figures.items():
+        vis.render(fig)
+        assert fig.get_suptitle() or all(ax.get_title() for ax in fig.axes if ax.images), name
+    for k in range(1, LAYERS + 1):
+        for name in (f"features_layer{k}", f"features_layer{k}_actmax",
+                     f"features_layer{k}_finetuned_actmax"):
+            fig = figures[f"{name}.png"]
+            numbers = sorted(int(t.get_text()) for t in fig.axes[0].texts)
+            assert numbers == list(range(SIZES[k])), name
+            assert vis.UNIT_NUMBERING in fig.get_supxlabel().replace("\n", " ").lower()
+        through = ("through decoder 1," if k == 1
+                   else f"through decoders {', '.join(map(str, range(k, 0, -1)))},")
+        assert through in figures[f"features_layer{k}.png"].get_supxlabel().replace("\n", " ")
+        assert "pixel noise" in figures[f"features_layer{k}_actmax.png"].get_supxlabel()
+        panel = figures[f"layer{k}_reconstruction.png"].axes[0]
+        headers = [t.get_text() for t in panel.texts]  # test image, input, code, output
+        assert len(headers) == (3 if k == 1 else 4) and all(headers)
+        strips = [t.get_text() for t in panel.get_xticklabels()].count("0")  # units from 0
+        assert strips == (1 if k == 1 else 3) and panel.get_xlabel().startswith("unit")
+        assert len(panel.get_yticklabels()) == 10  # a labelled row per test image
+    curves = figures["curves.png"]
+    for ax in curves.axes:
+        assert ax.get_xlabel() == "epoch" and ax.get_ylabel()
+        assert all(float(t).is_integer() for t in ax.get_xticks())
+        assert [line for line in ax.lines if line.get_marker() == "*"]  # kept epochs
+    legend = figures["codes_2d.png"].legends[0]
+    assert [t.get_text() for t in legend.texts] == [str(c) for c in range(10)]
+    confusion = figures["confusion_matrix.png"].axes[0]
+    assert (confusion.get_xlabel(), confusion.get_ylabel()) == ("predicted", "true")
 
 
 def test_tensorboard_holds_the_images_and_an_hparams_entry_with_the_metrics(tiny_run):

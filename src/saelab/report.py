@@ -27,7 +27,7 @@ from saelab.errors import ConfigError
 from saelab.evaluation import in_chunks
 from saelab.loader import PRETRAINED, Run
 from saelab.loggers import REPORT_SUFFIX, log_figure, make_logger
-from saelab.modules import AutoencoderModule
+from saelab.modules import AutoencoderModule, ClassifierModule
 from saelab.runfolder import FIGURES, OVERRIDES, REPORT, RunFolder
 from saelab.schema import Codes
 from saelab.signals import STOP
@@ -37,6 +37,9 @@ log = logging.getLogger("saelab")
 
 EMBEDDING_STEP = 0  # the projector's folder in the TensorBoard log, replaced with the report
 DEFAULT_SAMPLES = 10
+# A unit whose activation varies less than this over the test images is called constant (on
+# the default run: exactly the layer-1 tanh units saturated on over 90 % of the test images).
+CONSTANT_STD = 0.02
 
 
 @dataclass
@@ -95,7 +98,9 @@ def pictures(run, settings: DictConfig) -> Iterator[Picture]:
                   vis.curves_figure([run.metrics[s.name]["history"] for s in stages
                                      if not s.classifies],
                                     {s.name: run.metrics[s.name]["history"] for s in stages
-                                     if s.classifies}))
+                                     if s.classifies},
+                                    (AutoencoderModule.monitor, AutoencoderModule.mode),
+                                    (ClassifierModule.monitor, ClassifierModule.mode)))
 
 
 @torch.no_grad()
@@ -107,54 +112,135 @@ def reconstruction_pictures(run, stack: torch.nn.Sequential, samples) -> Iterato
     idx = sample_indices(data.test_y, samples)
     x = inputs = data.test_x[idx]
     labels = [f"{data.class_names[int(data.test_y[i])]}\n(test {i})" for i in idx]
-    limits = (data.background, 1.0)
+    pixels = (data.background, 1.0)
+    gray = f"Pixels in gray, {pixels[0]:g} black to {pixels[1]:g} white."
+    strips = ("Codes are vectors, not images: each is a heat strip, one band per unit "
+              f"({vis.UNIT_NUMBERING}), coloured by its value (scale at right).")
+    linear = run.cfg.pretrain.codes == Codes.pre_activation
     for k, ae in enumerate(aes, start=1):
         hidden = ae.encode(inputs)
         recon = AutoencoderModule(ae, run.cfg.pretrain, "", "").reconstruct(inputs)
+        d_in, d_out = ae.encoder.in_features, ae.encoder.out_features
+        code = (f"code: layer {k}, {d_out} units", hidden, False)
+        if k == 1:
+            columns = [(f"input: {d_in} pixels", inputs, True), code,
+                       (f"output: {d_in} pixels", recon, True)]
+            how = f"Each row: one test image. {gray} {strips}"
+        else:
+            below = f"layer {k - 1} code{' before its activation' if linear else ''}"
+            columns = [("test image", x, True), (f"input: {below}, {d_in} units", inputs, False),
+                       code, (f"output: that input reconstructed, {d_in} units", recon, False)]
+            how = (f"Each row: one test image (at left, for orientation); this layer's input is "
+                   f"its {below}. {strips} Input and output line up unit by unit.")
         yield Picture(f"layer{k}_reconstruction.png", f"pretrain/layer{k}/reconstruction",
                       f"Layer {k} autoencoder: input, code and reconstruction of test images",
-                      vis.layer_panel(inputs, hidden, recon, labels, k, limits))
-        inputs = hidden if run.cfg.pretrain.codes == Codes.activation else ae.encoder(inputs)
-        # Deeper codes rarely span the pixel range: their own range keeps them legible.
-        seen = torch.cat([inputs.flatten(), aes[k].encode(inputs).flatten()]) if k < len(aes) \
-            else x
-        limits = (round(float(seen.min()), 2), round(float(seen.max()), 2))
+                      vis.layer_panel(columns, labels, pixels,
+                                      f"Layer {k} autoencoder, {d_in} → {d_out} → {d_in}: "
+                                      f"input, code and reconstruction of test images", how))
+        inputs = ae.encoder(inputs) if linear else hidden
     squash = aes[0].activation
     yield Picture("stack_reconstruction.png", "stack/reconstruction",
                   f"Whole stack: encoded through every layer, decoded back, then "
                   f"{type(squash).__name__}",
                   vis.image_pairs(x, squash(vis.decode_stack(aes, stack(x))), labels,
-                                  ("original", "stack output"), (data.background, 1.0),
+                                  ("original", "stack output"), pixels,
                                   f"Encoded to {aes[-1].encoder.out_features} codes and decoded "
-                                  f"back through every decoder, then {type(squash).__name__}"))
+                                  f"back through every decoder, then {type(squash).__name__}",
+                                  f"Each column: one test image (above) and what the whole "
+                                  f"pretrained stack makes of it (below): encoded through all "
+                                  f"{len(aes)} encoders, decoded through decoders "
+                                  f"{len(aes)} to 1, then {type(squash).__name__}. {gray}"))
+
+
+def decoders(k: int) -> str:
+    """Which decoders a layer-k unit is decoded through, in order."""
+    return "decoder 1" if k == 1 else f"decoders {', '.join(str(i) for i in range(k, 0, -1))}"
 
 
 def feature_pictures(run, nets: dict[str, torch.nn.Sequential],
                      actmax: DictConfig) -> Iterator[Picture]:
-    """Every unit of every layer in pixel space: decoded (pretrained decoders, biases removed)
-    and by activation maximisation in the pretrained and the fine-tuned network."""
-    aes, pixels = run.autoencoders, (run.splits().background, 1.0)
-    for k in range(1, len(aes) + 1):
+    """Every unit of every layer in pixel space: decoded (pretrained decoders, biases removed);
+    by activation maximisation in the pretrained network, beside the decoded feature of the same
+    unit; and by activation maximisation in the fine-tuned network, beside the pretrained one."""
+    aes = run.autoencoders
+    tiles = (f"{vis.UNIT_NUMBERING.capitalize()}. Each tile is scaled to its own largest "
+             f"|value|: red positive, blue negative, white zero.")
+    method = (f"the input of L2 norm {actmax.norm:g} within the pixel range that drives the unit "
+              f"hardest ({actmax.steps} steps of projected gradient ascent)")
+    codes = run.splits().test_x
+    for k, ae in enumerate(aes, start=1):
+        n, through = ae.encoder.out_features, decoders(k)
+        decoded = vis.unit_features(aes[:k])
+        codes = in_chunks(nets["pretrained"][2 * k - 2: 2 * k], codes)  # layer k's, of the test set
+        constant = constant_units(codes)
         yield Picture(f"features_layer{k}.png", f"pretrain/layer{k}/features",
                       f"Layer {k} units decoded to pixels (biases removed)",
-                      vis.tile_grid(vis.unit_features(aes[:k]),
-                                    f"Layer {k}: each unit's one-hot code decoded through "
-                                    f"decoders {k}..1\n(biases removed)"))
-    for name, body in nets.items():
-        stage, suffix = ("pretrain", "") if name == "pretrained" else ("finetune", "_finetuned")
-        for k, ae in enumerate(aes, start=1):
-            best = vis.activation_maximisation(
-                body[: 2 * k - 1], aes[0].encoder.in_features, ae.encoder.out_features,
-                steps=actmax.steps, lr=actmax.lr, norm=actmax.norm, bounds=pixels,
-                seed=run.cfg.seed)
-            with torch.no_grad():
-                reached = float(body[: 2 * k](best).diagonal().mean())
-            yield Picture(f"features_layer{k}{suffix}_actmax.png",
-                          f"{stage}/layer{k}/actmax",
-                          f"Layer {k} units of the {name} network: inputs maximising each unit",
-                          vis.tile_grid(best, f"Layer {k}, {name} network: input maximising "
-                                        f"each unit\n(L2 norm {actmax.norm:g}, mean activation "
-                                        f"reached {reached:.2f})"))
+                      vis.unit_grid([decoded], f"Layer {k}: its {n} units decoded to pixels",
+                                    f"Each numbered tile: the unit's one-hot code decoded through "
+                                    f"{through}, biases removed: the pattern the unit adds to a "
+                                    f"reconstruction. {tiles}{constant}"))
+        pretrained, reached = maximise(run, nets["pretrained"], k, n, actmax)
+        finetuned, reached_ft = maximise(run, nets["fine-tuned"], k, n, actmax)
+        yield Picture(
+            f"features_layer{k}_actmax.png", f"pretrain/layer{k}/actmax",
+            f"Layer {k} units of the pretrained stack: decoded feature and input maximising "
+            f"each unit",
+            vis.unit_grid(
+                [decoded, pretrained],
+                f"Layer {k}, pretrained stack: what each unit writes (left) and what drives it "
+                f"(right)",
+                f"Each numbered cell, one unit. Left: its decoded feature (as in "
+                f"features_layer{k}.png). Right: its activation maximiser, {method}; mean "
+                f"activation reached {reached:.2f}. {tiles}{constant}\n{why_noisy(run)}"))
+        yield Picture(
+            f"features_layer{k}_finetuned_actmax.png", f"finetune/layer{k}/actmax",
+            f"Layer {k} units before and after fine-tuning: inputs maximising each unit",
+            vis.unit_grid(
+                [pretrained, finetuned],
+                f"Layer {k}: input driving each unit hardest, pretrained (left) and fine-tuned "
+                f"(right)",
+                f"Each numbered cell, one unit: its activation maximiser, {method}, in the "
+                f"pretrained stack (left, as in features_layer{k}_actmax.png; mean activation "
+                f"reached {reached:.2f}) and in the fine-tuned network (right; {reached_ft:.2f}): "
+                f"what fine-tuning made of the unit, which the pretrained decoders no longer "
+                f"describe. {tiles}"))
+
+
+def why_noisy(run) -> str:
+    """Why the pretrained maximisers look like pixel noise beside the decoded features."""
+    if run.cfg.model.tied:
+        return ("With tied weights a layer-1 unit's two tiles show the same weights: its "
+                "maximiser is its encoder weight vector scaled, its decoded feature the same "
+                "vector.")
+    return ("Why the maximisers look like pixel noise: a layer-1 unit's maximiser is its "
+            "encoder weight vector, scaled. Along directions in which the training images "
+            "hardly ever differ (the always-blank border, fine pixel-to-pixel patterns), "
+            "training leaves those weights near their random initial values: they barely change "
+            "the unit's response to a digit, but the maximiser draws them. Deeper units see the "
+            "pixels through these weights. The decoded feature, trained on every pixel, shows "
+            "the unit's pattern.")
+
+
+def constant_units(codes: torch.Tensor) -> str:
+    """A sentence naming the units that are constant over the test set's `codes` (as the
+    saturated units of a tanh layer are), or "" when there are none."""
+    units = (codes.std(0) < CONSTANT_STD).nonzero()[:, 0].tolist()
+    if not units:
+        return ""
+    return (f" Constant units (standard deviation over the test images below {CONSTANT_STD:g}: "
+            f"a second bias, not detectors, so their tiles show no feature): "
+            f"{', '.join(map(str, units))}.")
+
+
+def maximise(run, body: torch.nn.Sequential, k: int, n: int,
+             actmax: DictConfig) -> tuple[torch.Tensor, float]:
+    """The input maximising each of the n units of layer k of `body`, and the mean activation
+    those inputs reach."""
+    best = vis.activation_maximisation(
+        body[: 2 * k - 1], run.autoencoders[0].encoder.in_features, n, steps=actmax.steps,
+        lr=actmax.lr, norm=actmax.norm, bounds=(run.splits().background, 1.0), seed=run.cfg.seed)
+    with torch.no_grad():
+        return best, float(body[: 2 * k](best).diagonal().mean())
 
 
 @torch.no_grad()
@@ -207,10 +293,14 @@ def markdown_report(run, figures: list[Picture]) -> str:
         lines.append(f"| {k} | {layer['in']} → {layer['out']} | {' | '.join(mse)} | "
                      f"{layer['seconds']:.1f} s |")
     lines += ["", f"Training time, all stages: {training_seconds(run):.1f} s.", "", "## Figures",
-              "", "Every tile of the unit grids (`features_layer*.png`) is divided by its own "
-              "largest absolute value: red positive, blue negative, white zero. The "
-              "activation-maximisation grids (`*_actmax.png`) show inputs inside the pixel range "
-              "and an L2 ball; their colours are normalised the same way.", ""]
+              "", f"Layers are numbered from 1 (input side first); {vis.UNIT_NUMBERING}, in "
+              "every figure and in TensorBoard's images, which are the same figures. Codes are "
+              "drawn as heat strips, one band per unit, since their units have no spatial "
+              "layout. In the unit grids (`features_layer*.png`) every tile is divided by its own "
+              "largest absolute value: red positive, blue negative, white zero. Each figure "
+              "says below it how to read it; the `*_actmax.png` grids pair each unit's "
+              "activation maximiser with its decoded feature (pretrained stack) or with its "
+              "pretrained maximiser (fine-tuned network).", ""]
     for picture in figures:
         lines += [f"### {picture.caption}", "", f"![{picture.caption}]({FIGURES}/{picture.file})",
                   ""]

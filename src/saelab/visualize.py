@@ -8,14 +8,17 @@ render headless and the caller decides where they go (PNG file, TensorBoard imag
 from __future__ import annotations
 
 import math
+import textwrap
 
 import numpy as np
 import torch
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LogNorm
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 from torch import nn
 from torch.nn import functional as F
 
@@ -92,49 +95,50 @@ def activation_maximisation(pre_activation: nn.Module, d_in: int, n_units: int, 
 def pca_2d(x: torch.Tensor) -> torch.Tensor:
     """The rows of `x` projected on their two principal axes (largest variance first)."""
     centred = x.double() - x.double().mean(0)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    return (centred @ vh[:2].T).float()
+    # Eigenvectors of the small d x d scatter matrix (ascending): for 10,000 codes of 9 units,
+    # several times cheaper than an SVD of the codes themselves.
+    _, vectors = torch.linalg.eigh(centred.T @ centred)
+    return (centred @ vectors[:, [-1, -2]]).float()
 
 
 # ---------------------------------------------------------------------------------------------
-# Layout: every grid of images is composed into one array and drawn by one imshow, which keeps
-# rendering fast and pixels crisp (tiles are enlarged by whole-pixel repetition).
+# Layout: every grid of images or strips is composed into one array and drawn by one imshow,
+# which keeps rendering fast and pixels crisp (values are enlarged by whole-pixel repetition).
 
-# Enlarged tiles aim at this many pixels a side; one-row strips get at least STRIP_PX a value.
-TILE_PX = 84
-STRIP_PX = 8
+TILE_PX = 56  # enlarged images, and code strips, aim at this many pixels high
+STRIPS_PX = 700  # the code strips of one reconstruction panel share about this width
+PANEL_GAP = 16  # pixels between the panels of a reconstruction figure
+GRID_PX = 800  # unit grids aim at about this many pixels a side
+LABEL_PX = 12  # the band above each cell of a unit grid that holds its number
 DPI = 100
 MIN_WIDTH = 5.0  # inches: room for a title above a few narrow columns
-
-
-def grid_shape(d: int) -> tuple[int, int]:
-    """How a d-vector is drawn: a square when d is a perfect square (784 -> 28x28, 9 -> 3x3),
-    a one-row strip up to 64 values, else wrapped into rows of ceil(sqrt(d)) (300 -> 17x18)."""
-    side = math.isqrt(d)
-    if side * side == d:
-        return side, side
-    if d <= 64:
-        return 1, d
-    cols = math.ceil(math.sqrt(d))
-    return math.ceil(d / cols), cols
+# How units are numbered, the same in every figure, the report and the TensorBoard images (which
+# are the figures): from 0, as the code tensor indexes them, so `codes[:, j]` is unit j.
+UNIT_NUMBERING = "units are numbered from 0: unit j is column j of the layer's code tensor"
 
 
 def as_images(vectors: torch.Tensor) -> np.ndarray:
-    """(n, d) vectors as (n, rows, cols) images of `grid_shape(d)`, NaN (blank) padding."""
+    """(n, d) pixel vectors as (n, side, side) images (d = 784: 28x28). Only pixels are drawn
+    as images; codes, whose units have no spatial layout, are drawn as strips."""
     n, d = vectors.shape
-    rows, cols = grid_shape(d)
-    out = np.full((n, rows * cols), np.nan, dtype=np.float32)
-    out[:, :d] = vectors.detach().float().cpu().numpy()
-    return out.reshape(n, rows, cols)
+    side = math.isqrt(d)
+    if side * side != d:
+        raise ValueError(f"{d} values are not a square image")
+    return vectors.detach().float().cpu().numpy().reshape(n, side, side)
 
 
-def enlarge(images: np.ndarray, factor: int | None = None) -> np.ndarray:
-    """(n, h, w) images enlarged by whole-pixel repetition: `factor`, or by default to about
-    TILE_PX a side (one-row strips: at least STRIP_PX per value)."""
-    rows, cols = images.shape[1:]
+def strips(codes: torch.Tensor, unit_px: int) -> np.ndarray:
+    """(n, d) codes as (n, TILE_PX, d * unit_px) heat strips: unit j is the j-th band."""
+    return enlarge(codes.detach().float().cpu().numpy()[:, None, :], (TILE_PX, unit_px))
+
+
+def enlarge(images: np.ndarray, factor: int | tuple[int, int] | None = None) -> np.ndarray:
+    """(n, h, w) arrays enlarged by whole-pixel repetition: by `factor` (one for both axes or
+    (rows, columns)), by default to about TILE_PX a side."""
     if factor is None:
-        factor = max(1, TILE_PX // max(rows, cols), STRIP_PX if rows == 1 else 1)
-    return images.repeat(factor, 1).repeat(factor, 2)
+        factor = max(1, TILE_PX // max(images.shape[1:]))
+    rows, cols = (factor, factor) if isinstance(factor, int) else factor
+    return images.repeat(rows, 1).repeat(cols, 2)
 
 
 def compose(cells: list[list[np.ndarray]],
@@ -157,13 +161,6 @@ def compose(cells: list[list[np.ndarray]],
             [x + w / 2 for x, w in zip(lefts, widths, strict=True)])
 
 
-def canvas_figure(canvas: np.ndarray, extra: tuple[float, float] = (1.2, 0.9)) -> Figure:
-    """A figure drawing `canvas` at about one screen pixel per canvas pixel, plus margins."""
-    h, w = canvas.shape
-    return Figure(figsize=(max(w / DPI + extra[0], MIN_WIDTH), h / DPI + extra[1]), dpi=DPI,
-                  layout="constrained")
-
-
 def show(ax, canvas: np.ndarray, **style):
     """One imshow of a composed canvas, gaps in light gray, no frame."""
     shown = ax.imshow(canvas, interpolation="nearest", **style)
@@ -173,6 +170,15 @@ def show(ax, canvas: np.ndarray, **style):
     for spine in ax.spines.values():
         spine.set_visible(False)
     return shown
+
+
+def explain(fig: Figure, title: str, caption: str) -> None:
+    """The figure's title above it and, below it, how to read it (paragraphs split on newlines,
+    wrapped to the figure's width)."""
+    fig.suptitle(title, fontsize=11)
+    chars = int(fig.get_figwidth() * DPI / 6.4)  # about a character's width at 8.5 points
+    fig.supxlabel("\n".join(textwrap.fill(p, chars) for p in caption.split("\n")),
+                  fontsize=8.5, x=0.01, ha="left", linespacing=1.3)
 
 
 def normalise_tiles(tiles: torch.Tensor) -> torch.Tensor:
@@ -191,55 +197,111 @@ def render(fig: Figure) -> np.ndarray:
 # Figures
 
 
-def layer_panel(inputs: torch.Tensor, codes: torch.Tensor, recons: torch.Tensor,
-                labels: list[str], layer: int, limits: tuple[float, float]) -> Figure:
-    """One row per sample: layer `layer`'s input, hidden code and reconstruction, each drawn as
-    a square or strip (`grid_shape`) in gray on the fixed range `limits`."""
-    parts = {f"input ({inputs.shape[1]})": inputs, f"code ({codes.shape[1]})": codes,
-             f"output ({recons.shape[1]})": recons}
-    images = [enlarge(as_images(v)) for v in parts.values()]
-    return _gray_grid([list(row) for row in zip(*images, strict=True)], labels, list(parts),
-                      limits, f"Layer {layer} autoencoder\n"
-                      f"(gray: {limits[0]:g} black to {limits[1]:g} white)")
-
-
-def image_pairs(originals: torch.Tensor, outputs: torch.Tensor, labels: list[str],
-                titles: tuple[str, str], limits: tuple[float, float], title: str) -> Figure:
-    """Two rows of images (originals above, outputs below), one column per sample."""
-    cells = [list(enlarge(as_images(v))) for v in (originals, outputs)]
-    return _gray_grid(cells, list(titles), labels, limits, title)
-
-
-def _gray_grid(cells: list[list[np.ndarray]], row_labels: list[str], col_labels: list[str],
-               limits: tuple[float, float], title: str) -> Figure:
-    """Enlarged images in labelled rows and columns, gray on `limits`."""
-    canvas, centres_y, centres_x = compose(cells, pad=12)
-    fig = canvas_figure(canvas, extra=(1.0, 0.8))
+def layer_panel(columns: list[tuple[str, torch.Tensor, bool]], labels: list[str],
+                limits: tuple[float, float], title: str, caption: str) -> Figure:
+    """One row per sample and, side by side, one panel per (header, values, is_pixels) column:
+    pixels as gray images on `limits`, codes as heat strips (one numbered band per unit) on one
+    symmetric diverging scale shared by every strip, so that an input and its reconstruction
+    compare unit by unit. The panels are coloured here and drawn as one RGBA image in one axes:
+    with an axes per panel, laying out their ticks took about half of the figure's drawing."""
+    codes = [values for _, values, is_pixels in columns if not is_pixels]
+    unit_px = int(np.clip(STRIPS_PX // sum(c.shape[1] for c in codes), 2, 16))
+    scale = math.ceil(100 * max(float(c.abs().max()) for c in codes)) / 100
+    strip_colours = ScalarMappable(Normalize(-scale, scale), DIVERGING)
+    pixel_colours = ScalarMappable(Normalize(*limits), "gray")
+    panels = []
+    for _, values, is_pixels in columns:
+        cells = enlarge(as_images(values)) if is_pixels else strips(values, unit_px)
+        canvas, centres_y, _ = compose([[cell] for cell in cells], pad=12)
+        # NaN gaps map to the colour maps' transparent "bad" colour, so the background shows;
+        # 8-bit colours, which matplotlib resamples several times faster than float ones.
+        panels.append((pixel_colours if is_pixels else strip_colours).to_rgba(canvas,
+                                                                              bytes=True))
+    gap = np.zeros((panels[0].shape[0], PANEL_GAP, 4), dtype=np.uint8)
+    lefts = np.cumsum([0] + [p.shape[1] + PANEL_GAP for p in panels[:-1]])
+    canvas = np.concatenate([part for p in panels for part in (gap, p)][1:], axis=1)
+    fig = Figure(figsize=(canvas.shape[1] / DPI + 2.6, canvas.shape[0] / DPI + 1.6), dpi=DPI,
+                 layout="constrained")
     ax = fig.add_subplot()
-    show(ax, canvas, cmap="gray", vmin=limits[0], vmax=limits[1])
-    ax.set_yticks(centres_y, row_labels, fontsize=9)
-    ax.xaxis.tick_top()
-    ax.set_xticks(centres_x, col_labels, fontsize=9)
-    ax.tick_params(length=0)
-    fig.suptitle(title, fontsize=11)
+    show(ax, canvas)
+    ax.set_yticks(centres_y, labels, fontsize=9)
+    ticks, minor = [], []
+    for left, panel, (header, values, is_pixels) in zip(lefts, panels, columns, strict=True):
+        ax.text(left + panel.shape[1] / 2, -6, header, ha="center", va="bottom", fontsize=9)
+        if not is_pixels:
+            major, small = unit_ticks(values.shape[1], unit_px)
+            ticks += [(left + x, label) for x, label in major]
+            minor += [left + x for x in small]
+    ax.set_xticks([x for x, _ in ticks], [label for _, label in ticks], fontsize=8)
+    ax.set_xticks(minor, minor=True)
+    ax.tick_params(axis="y", length=0)
+    ax.set_xlabel("unit (numbered within each strip)", fontsize=8, labelpad=2)
+    fig.colorbar(strip_colours, ax=ax, shrink=0.5, label="code value of the unit")
+    explain(fig, title, caption)
     return fig
 
 
-def tile_grid(tiles: torch.Tensor, title: str) -> Figure:
-    """All units of a layer in a near-square grid, unit 0 top left, row-major. Each tile is
-    divided by its own max |value| and drawn with a diverging map (red positive, blue negative,
-    white zero): the normalisation that shows every unit's pattern whatever its scale."""
-    images = as_images(normalise_tiles(tiles))
-    per_row = math.ceil(math.sqrt(len(images)))
-    # About 900 pixels across: many small tiles stay near their own size, a few are enlarged.
-    images = enlarge(images, int(np.clip(900 // (per_row * (images.shape[2] + 2)), 1, 6)))
-    cells = [list(images[i: i + per_row]) for i in range(0, len(images), per_row)]
-    canvas, _, _ = compose(cells, pad=max(2, images.shape[1] // 14))
-    fig = canvas_figure(canvas, extra=(1.6, 0.7))
+def unit_ticks(d: int, unit_px: int) -> tuple[list[tuple[float, str]], list[float]]:
+    """Where a strip of d units, unit_px pixels each, puts its labelled ticks (positions and
+    unit numbers) and its minor ticks, one per unit (every fifth when units are too narrow)."""
+    locator = MaxNLocator(nbins=max(2, d * unit_px // 70), steps=[1, 2, 5, 10], integer=True)
+    major = [int(u) for u in locator.tick_values(0, d - 1) if 0 <= u < d]
+    centre = (unit_px - 1) / 2
+    return ([(u * unit_px + centre, str(u)) for u in major],
+            [u * unit_px + centre for u in range(0, d, 1 if unit_px >= 6 else 5)])
+
+
+def image_pairs(originals: torch.Tensor, outputs: torch.Tensor, labels: list[str],
+                titles: tuple[str, str], limits: tuple[float, float], title: str,
+                caption: str) -> Figure:
+    """Two rows of images (originals above, outputs below), one column per sample, gray on
+    `limits`."""
+    cells = [list(enlarge(as_images(v))) for v in (originals, outputs)]
+    canvas, centres_y, centres_x = compose(cells, pad=12)
+    h, w = canvas.shape
+    fig = Figure(figsize=(max(w / DPI + 1.0, MIN_WIDTH), h / DPI + 0.8), dpi=DPI,
+                 layout="constrained")
     ax = fig.add_subplot()
-    shown = show(ax, canvas, cmap=DIVERGING, vmin=-1, vmax=1)
-    ax.set_title(title, fontsize=11)
-    fig.colorbar(shown, ax=ax, shrink=0.6, label="value / max |value| of its tile")
+    show(ax, canvas, cmap="gray", vmin=limits[0], vmax=limits[1])
+    ax.set_yticks(centres_y, list(titles), fontsize=9)
+    ax.xaxis.tick_top()
+    ax.set_xticks(centres_x, labels, fontsize=9)
+    ax.tick_params(length=0)
+    explain(fig, title, caption)
+    return fig
+
+
+def unit_grid(sets: list[torch.Tensor], title: str, caption: str) -> Figure:
+    """Every unit of a layer in pixel space, one numbered cell per unit (unit 0 top left, row
+    by row), each cell holding the unit's tile from every one of `sets` side by side (one set:
+    a tile a cell). Each tile is divided by its own max |value| and drawn with a diverging map
+    (red positive, blue negative, white zero): the normalisation that shows every unit's
+    pattern whatever its scale."""
+    tiles = np.stack([as_images(normalise_tiles(s)) for s in sets], 1)  # (units, sets, h, w)
+    n, k, h, w = tiles.shape
+    # About GRID_PX squared in all (so the 196 pairs of layer 1 stay at 28 pixels a tile).
+    factor = int(np.clip(GRID_PX / (w * math.sqrt(n * k)), 1, 5))
+    gap = np.full((h * factor, 2 * factor), np.nan, dtype=np.float32)  # a cell's tiles apart
+    band = np.full((LABEL_PX, (k * w + 2 * k - 2) * factor), np.nan, dtype=np.float32)
+    cells = [np.vstack([band, np.hstack([c for t in enlarge(unit, factor) for c in (gap, t)][1:])])
+             for unit in tiles]
+    pad = 4 + 3 * factor  # wider than a cell's inner gaps, so that cells read as units
+    height, width = cells[0].shape
+    per_row = math.ceil(math.sqrt(n * (height + pad) / (width + pad)))  # a near-square canvas
+    canvas, centres_y, centres_x = compose(
+        [cells[i: i + per_row] for i in range(0, n, per_row)], pad=pad)
+    fig = Figure(figsize=(max(canvas.shape[1] / DPI + 1.8, MIN_WIDTH + 2),
+                          canvas.shape[0] / DPI + 1.4), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    colours = ScalarMappable(Normalize(-1, 1), DIVERGING)
+    show(ax, colours.to_rgba(canvas, bytes=True))  # 8-bit colours: see layer_panel
+    for j in range(n):
+        # Left out of the layout: the numbers sit inside the axes, so measuring hundreds of them
+        # on each layout pass would be wasted work.
+        ax.text(centres_x[j % per_row] - width / 2, centres_y[j // per_row] - height / 2,
+                str(j), fontsize=7, ha="left", va="top", in_layout=False)
+    fig.colorbar(colours, ax=ax, shrink=0.5, label="value / max |value| of its tile")
+    explain(fig, title, caption)
     return fig
 
 
@@ -262,8 +324,10 @@ def confusion_figure(counts: list[list[int]], class_names: list[str], title: str
     ax.set_yticks(range(k), class_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title, fontsize=11)
     fig.colorbar(shown, ax=ax, shrink=0.7, label="share of the true class (log scale)")
+    explain(fig, title, "Rows: the true class; columns: the predicted class; each cell counts "
+            "test images, the diagonal the correct ones. Colour: the cell's share of its row on "
+            "a log scale, so that rare errors show.")
     return fig
 
 
@@ -284,32 +348,68 @@ def codes_figure(panels: list[tuple[str, torch.Tensor]], labels: torch.Tensor,
     handles = [Line2D([], [], marker="o", ls="", color=palette(i), label=name)
                for i, name in enumerate(class_names)]
     fig.legend(handles=handles, loc="outside right center", title="class", fontsize=9)
+    explain(fig, "Top-layer codes of the test set, on their first two principal components",
+            "Each dot: one test image, coloured by its true class. Axes: the two directions in "
+            "which that stack's top-layer codes vary most (PCA of each panel's codes on its "
+            "own). Classes that overlap here may still be apart in the code's other "
+            "directions.")
     return fig
 
 
-def curves_figure(pretrain: list[list[dict]], classifiers: dict[str, list[dict]]) -> Figure:
-    """Per-epoch histories: each pretrained layer's training loss and validation MSE, and each
-    classifier stage's training loss and validation accuracy."""
-    fig = Figure(figsize=(14, 4), layout="constrained")
+def kept_epoch(history: list[dict], monitor: str, mode: str) -> int | None:
+    """The epoch whose weights a stage kept: the best `monitor` value (`mode` "max" or "min";
+    the first of equal values, as the stage keeps only a strict improvement), or the last epoch
+    when the stage was never validated; None when it trained no epoch."""
+    scored = [(h[monitor], h["epoch"]) for h in history if monitor in h]
+    if not scored:
+        return history[-1]["epoch"] if history else None
+    best = max(v for v, _ in scored) if mode == "max" else min(v for v, _ in scored)
+    return next(epoch for v, epoch in scored if v == best)
+
+
+def curves_figure(pretrain: list[list[dict]], classifiers: dict[str, list[dict]],
+                  pretrain_monitor: tuple[str, str],
+                  classifier_monitor: tuple[str, str]) -> Figure:
+    """Per-epoch histories: each pretrained layer's training loss and validation metric, each
+    classifier stage's training loss and validation metric; each `*_monitor` is the (metric,
+    "max" or "min") its stages keep the best epoch of, and a star marks that kept epoch."""
+    fig = Figure(figsize=(14, 4.6), layout="constrained")
     recon, loss, acc = fig.subplots(1, 3)
+    monitor, mode = pretrain_monitor
     for k, history in enumerate(pretrain, start=1):
         line = _plot_history(recon, history, "train_loss", f"layer {k} train")
         if line is not None:
-            _plot_history(recon, history, "val_recon_mse", f"layer {k} val",
-                          color=line.get_color(), ls="--")
+            val = _plot_history(recon, history, monitor, f"layer {k} val",
+                                color=line.get_color(), ls="--")
+            # Never validated: the last epoch is kept, starred on the training curve.
+            _mark_kept(recon, history, monitor if val else "train_loss",
+                       kept_epoch(history, monitor, mode), line.get_color())
+    monitor, mode = classifier_monitor
     for name, history in classifiers.items():
-        _plot_history(loss, history, "train_loss", name)
-        _plot_history(acc, history, "val_acc", name)
+        line = _plot_history(loss, history, "train_loss", name)
+        if line is not None:
+            epoch = kept_epoch(history, monitor, mode)
+            _plot_history(acc, history, monitor, name, color=line.get_color())
+            _mark_kept(loss, history, "train_loss", epoch, line.get_color())
+            _mark_kept(acc, history, monitor, epoch, line.get_color())
+    kept = Line2D([], [], marker="*", ms=11, ls="", mfc="none", mec="black",
+                  label="kept epoch (best val.,\nelse the last)")
     for ax, title, ylabel in ((recon, "greedy pretraining", "reconstruction loss / MSE"),
                               (loss, "classifiers: training loss", "cross-entropy"),
                               (acc, "classifiers: validation accuracy", "accuracy")):
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
         if ax.lines:
-            ax.legend(fontsize=8)
+            ax.legend(handles=[*ax.get_legend_handles_labels()[0], kept], fontsize=8)
     recon.set_yscale("log")
     loss.set_yscale("log")
+    explain(fig, "Training curves of every stage",
+            "Solid: training loss per epoch; dashed (pretraining): validation reconstruction "
+            "MSE. Star: the epoch whose weights the stage kept, its best validation epoch (the "
+            "last one when it has no validation split): the test numbers, and the stages that "
+            "start from this one, use those weights.")
     return fig
 
 
@@ -321,3 +421,11 @@ def _plot_history(ax, history: list[dict], key: str, label: str, **style):
     epochs, values = zip(*points, strict=True)
     return ax.plot(epochs, values, marker="." if len(points) < 30 else None, label=label,
                    **style)[0]
+
+
+def _mark_kept(ax, history: list[dict], key: str, epoch: int, color) -> None:
+    """A star on the `key` curve at the kept `epoch` (none where that epoch has no `key`)."""
+    values = [h[key] for h in history if h["epoch"] == epoch and key in h]
+    if values:
+        ax.plot([epoch], values, marker="*", ms=13, color=color, mec="black", mew=0.8, ls="",
+                zorder=3, label="_kept")
