@@ -72,7 +72,8 @@ def test_both_arms_start_their_head_by_the_same_rule(tmp_path, rule):
     tuned, scratch = run.networks["finetune"][1], run.networks["scratch"][1]
     if rule == "zero":
         for head in (tuned, scratch):
-            assert float(head.weight.abs().max()) < 1e-6 and float(head.bias.abs().max()) < 1e-6
+            assert float(head.weight.detach().abs().max()) < 1e-6
+            assert float(head.bias.detach().abs().max()) < 1e-6
     elif rule == "random":  # the probe's initial head, for both
         torch.testing.assert_close(tuned.weight, scratch.weight, rtol=0, atol=1e-9)
     else:  # each from a head fitted on its own frozen stack

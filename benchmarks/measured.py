@@ -1,0 +1,176 @@
+"""The docs' measured numbers, from one source: `docs/measured.json`.
+
+Every figure the README and docs/ quote from a run lives in a generated block of the page
+(between `<!-- measured:NAME -->` and `<!-- /measured -->`), rendered from docs/measured.json,
+which holds what the runs recorded (their metrics.json, or a sweep's summary), the command that
+made each, and the CPU it ran on. The pages cannot disagree about a run, and a test checks that
+every block is as rendered.
+
+    python benchmarks/measured.py record NAME RUN_OR_SWEEP_DIR --command "saelab ..."
+    python benchmarks/measured.py render          # rewrite every block from docs/measured.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from saelab.stats import mean_interval, mean_std
+from saelab.sweep import collect, groups
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = REPO / "docs" / "measured.json"
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+BLOCK = re.compile(r"(<!-- measured:(\S+) -->\n)(.*?)(<!-- /measured -->)", re.S)
+CLASSIFIERS = ("baseline", "probe", "finetune", "scratch")
+ARMS = ("semisup", "finetune", "scratch")
+LABELS = "data.labels_per_class"
+
+
+def cpu() -> str:
+    """The CPU's model name (lscpu), what the numbers are tied to."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                    if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def record(name: str, folder: Path, command: str) -> None:
+    """Add a run's metrics (or a sweep's per-seed statistics and rows) to docs/measured.json."""
+    measured = json.loads(SOURCE.read_text()) if SOURCE.exists() else {}
+    entry: dict = {"command": command, "cpu": cpu()}
+    if (folder / "metrics.json").exists():
+        metrics = json.loads((folder / "metrics.json").read_text())
+        entry["metrics"] = {k: v for k, v in metrics.items() if k not in ("versions",)}
+    else:  # a sweep: per group of seeds, each column's mean and std, each pair's interval
+        entry["groups"] = []
+        for g in groups(collect(folder)):
+            columns = sorted({c for r in g.finished for c in r.metrics})
+            entry["groups"].append({
+                "overrides": g.overrides, "n": len(g.finished),
+                "failed": len(g.rows) - len(g.finished),
+                "mean_std": {c: mean_std(g.values(c)) for c in columns if g.values(c)},
+                "paired": {f"{a} - {b}": mean_interval(g.paired(a, b))
+                           for a, b in arm_pairs(columns)},
+                "seconds": [r.metrics.get("total_s") for r in g.rows]})
+    measured[name] = entry
+    SOURCE.write_text(json.dumps(measured, indent=1) + "\n")
+
+
+def arm_pairs(columns: list[str]) -> list[tuple[str, str]]:
+    """Pairs of the arms' columns of one kind (`finetune_test_acc`, `scratch_test_acc`)."""
+    arm = {c: c.split("_", 1) for c in columns if c.split("_", 1)[0] in ARMS}
+    return [(a, b) for a in arm for b in arm if a != b and arm[a][1] == arm[b][1]]
+
+
+def pct(value) -> str:
+    return f"{100 * float(value):.2f}%"
+
+
+def spread(group: dict, column: str) -> str:
+    got = group["mean_std"].get(column)
+    return "–" if got is None else f"{100 * got[0]:.2f} ± {100 * (got[1] or 0):.2f}"
+
+
+def interval(group: dict, a: str, b: str) -> str:
+    got = group["paired"].get(f"{a} - {b}")
+    if got is None:
+        return "–"
+    mean, low, high = got
+    return f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
+
+
+def run_row(m: dict, name: str) -> str:
+    """A results-table row of one run: its command, accuracies and time."""
+    cells = [f"`{m[name]['command']}`", *(pct(m[name]["metrics"][s]["test_acc"])
+                                           for s in CLASSIFIERS),
+             f"{m[name]['metrics']['timings']['total_s']:.0f} s"]
+    cells[3] = f"**{cells[3]}**"
+    return "| " + " | ".join(cells) + " |"
+
+
+def blocks(m: dict) -> dict[str, str]:
+    """Every generated block, by name."""
+    from saelab.app import summary_table
+
+    out = {}
+    if {"default", "binary"} <= m.keys():
+        out["results"] = "\n".join([
+            "| task | command | pixel baseline | probe | fine-tuned | scratch | time |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| 10 digits " + run_row(m, "default"), "| 0 vs 9 " + run_row(m, "binary"),
+            "", f"CPU: {m['default']['cpu']}, default threads. Another CPU may move the last "
+            "digit (float sums in another order); a time is one run's on a machine shared with "
+            "other work."])
+    if "default" in m:
+        metrics = m["default"]["metrics"]
+        cfg = OmegaConf.create(metrics["config"])
+        table = summary_table(cfg, metrics, Path("outputs/runs/<date>_<time>"))
+        out["terminal"] = f"```\n{table}\n```"
+    for name in ("study_wide", "study_default"):
+        if name in m:
+            out[name] = study_table(m[name])
+            out[f"{name}_beside"] = study_table(m[name], "beside_test_acc")
+    return out
+
+
+def study_table(entry: dict, suffix: str = "test_acc") -> str:
+    """The study's table: per label count, each arm's test accuracy in %, mean ± std over seeds
+    (of the weights the labelled validation images chose, or with `beside_test_acc` the whole
+    validation split), the paired differences of the arms with their 95% intervals in points,
+    the pixel baseline and the frozen probes of each layer."""
+    arms, pairs = ARMS, [(a, b) for i, a in enumerate(ARMS) for b in ARMS[i + 1:]]
+    probes = sorted({c.rsplit("_", 2)[0] for g in entry["groups"] for c in g["mean_std"]
+                     if c.startswith("probe_layer") and c.endswith("_test_acc")})
+    header = ["labels per class", "seeds", *arms, *(f"{a} − {b}" for a, b in pairs), "baseline",
+              *probes, "probe"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for g in sorted(entry["groups"], key=lambda g: int(g["overrides"].get(LABELS, 0))):
+        cells = [g["overrides"].get(LABELS, "all"), str(g["n"]),
+                 *(spread(g, f"{arm}_{suffix}") for arm in arms),
+                 *(interval(g, f"{a}_{suffix}", f"{b}_{suffix}") for a, b in pairs),
+                 *(spread(g, f"{s}_test_acc") for s in ("baseline", *probes, "probe"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render(check: bool = False) -> list[Path]:
+    """Rewrite every generated block from docs/measured.json; the pages that changed (with
+    `check`, nothing is written)."""
+    generated = blocks(json.loads(SOURCE.read_text()))
+    changed = []
+    for page in PAGES:
+        text = page.read_text()
+        new = BLOCK.sub(lambda b: f"{b.group(1)}{generated[b.group(2)]}\n{b.group(4)}", text)
+        if new != text:
+            changed.append(page)
+            if not check:
+                page.write_text(new)
+    return changed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    rec = sub.add_parser("record")
+    rec.add_argument("name")
+    rec.add_argument("folder", type=Path)
+    rec.add_argument("--command", required=True)
+    sub.add_parser("render")
+    args = parser.parse_args()
+    if args.what == "record":
+        record(args.name, args.folder, args.command)
+    else:
+        print("\n".join(str(p) for p in render()) or "every block is current")
+
+
+if __name__ == "__main__":
+    main()
