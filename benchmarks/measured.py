@@ -43,10 +43,11 @@ def cpu() -> str:
         return platform.processor() or platform.machine()
 
 
-def record(name: str, folder: Path, command: str) -> None:
-    """Add a run's metrics (or a sweep's per-seed statistics and rows) to docs/measured.json."""
+def record(name: str, folder: Path, command: str, wall: float | None = None) -> None:
+    """Add a run's metrics (or a sweep's per-seed statistics and rows) to docs/measured.json;
+    `wall`: the seconds the whole command took, as timed around it."""
     measured = json.loads(SOURCE.read_text()) if SOURCE.exists() else {}
-    entry: dict = {"command": command, "cpu": cpu()}
+    entry: dict = {"command": command, "cpu": cpu(), "wall_s": wall}
     if (folder / "metrics.json").exists():
         metrics = json.loads((folder / "metrics.json").read_text())
         entry["metrics"] = {k: v for k, v in metrics.items() if k not in ("versions",)}
@@ -119,7 +120,36 @@ def blocks(m: dict) -> dict[str, str]:
         if name in m:
             out[name] = study_table(m[name])
             out[f"{name}_beside"] = study_table(m[name], "beside_test_acc")
+            out[f"{name}_time"] = study_time(m[name])
+    if "pretrain_select" in m:
+        out["pretrain_select"] = jobs_table(
+            m["pretrain_select"], ["pretrain.noise.level", "model.tied"],
+            {"pixels (baseline)": "baseline_val_acc", "layer 1": "probe_layer1_val_acc",
+             "layer 2": "probe_layer2_val_acc", "layer 3 (top)": "probe_val_acc"})
+    if "head_rule" in m:
+        out["head_rule"] = jobs_table(
+            m["head_rule"], [LABELS, "model.head"],
+            {"pretrained + fine-tuned": "finetune_val_acc", "scratch": "scratch_val_acc"})
     return out
+
+
+def jobs_table(entry: dict, keys: list[str], columns: dict[str, str]) -> str:
+    """One row per job of a sweep (one seed each): its overrides and validation accuracies."""
+    lines = ["| " + " | ".join([*keys, *columns]) + " |", "|" + " --- |" * (len(keys) +
+                                                                           len(columns))]
+    for g in entry["groups"]:
+        cells = [g["overrides"].get(k, "") for k in keys]
+        cells += [f"{100 * g['mean_std'][c][0]:.2f}%" if c in g["mean_std"] else "–"
+                  for c in columns.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def study_time(entry: dict) -> str:
+    seconds = [s for g in entry["groups"] for s in g["seconds"] if s]
+    return (f"{len(seconds)} jobs in {entry['wall_s'] / 60:.0f} minutes, the whole command "
+            f"timed (each job {min(seconds):.0f}-{max(seconds):.0f} s, the first of each seed "
+            f"pretraining); CPU: {entry['cpu']}, default threads.")
 
 
 def study_table(entry: dict, suffix: str = "test_acc") -> str:
@@ -149,7 +179,8 @@ def render(check: bool = False) -> list[Path]:
     changed = []
     for page in PAGES:
         text = page.read_text()
-        new = BLOCK.sub(lambda b: f"{b.group(1)}{generated[b.group(2)]}\n{b.group(4)}", text)
+        new = BLOCK.sub(lambda b: f"{b.group(1)}{generated[b.group(2)]}\n{b.group(4)}"
+                        if b.group(2) in generated else b.group(0), text)
         if new != text:
             changed.append(page)
             if not check:
@@ -164,10 +195,11 @@ def main() -> None:
     rec.add_argument("name")
     rec.add_argument("folder", type=Path)
     rec.add_argument("--command", required=True)
+    rec.add_argument("--wall", type=float, help="seconds the command took, timed around it")
     sub.add_parser("render")
     args = parser.parse_args()
     if args.what == "record":
-        record(args.name, args.folder, args.command)
+        record(args.name, args.folder, args.command, args.wall)
     else:
         print("\n".join(str(p) for p in render()) or "every block is current")
 

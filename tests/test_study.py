@@ -116,3 +116,15 @@ def test_what_a_stage_must_not_see_changes_nothing_it_learns(micro, tmp_path, mo
             t["kept"] for t in micro.metrics[arm]["trials"]]
     if change == "test":  # what the test set says did change
         assert other.metrics["finetune"]["test_acc"] != micro.metrics["finetune"]["test_acc"]
+
+
+def test_a_trial_draws_what_the_space_writes():
+    from saelab.tune import trial_settings
+
+    space = ["epochs=range(1,3)", "lr=tag(log, interval(1e-4, 1e-2))", "optimizer=choice(adam,sgd)"]
+    drawn = trial_settings(space, {"epochs", "lr", "optimizer"}, seed=0, trials=60)
+    assert {d["epochs"] for d in drawn} == {1, 2}  # a range leaves its end out
+    assert all(1e-4 <= d["lr"] <= 1e-2 for d in drawn)
+    assert sum(d["lr"] < 1e-3 for d in drawn) > 15  # log-uniform: half the draws below 1e-3
+    assert {d["optimizer"] for d in drawn} == {"adam", "sgd"}
+    assert trial_settings(space, {"lr"}, 0, 60) == [{"lr": d["lr"]} for d in drawn]  # shared

@@ -230,7 +230,7 @@ def summary_table(cfg: DictConfig, metrics: dict, out_dir: Path) -> str:
     lines = [f"saelab: {data['name']} classes {data['classes']} "
              f"({data['n_train']} train / {data['n_val']} val / {data['n_test']} test{labelled}; "
              f"source {data['source']})",
-             f"{'part':<18}{'test acc':>10}{'val acc':>10}{'time':>9}  note"]
+             f"{'part':<22}{'test acc':>10}{'val acc':>10}{'time':>9}  note"]
     labels = {stage.name: stage.label for stage in plan(cfg)}
     for part, seconds in metrics["timings"].items():
         name = part.removesuffix("_s")
@@ -244,6 +244,7 @@ def summary_table(cfg: DictConfig, metrics: dict, out_dir: Path) -> str:
             origin, "copied from the store")
         if "val_recon_mse" in stage:
             note = f"val recon MSE {stage['val_recon_mse']:.4f}" + (f"; {note}" if note else "")
-        lines.append(f"{labels.get(name, name):<18}{test:>10}{val:>10}{seconds:>8.1f}s  {note}")
-    lines.append(f"{'total':<38}{metrics['timings']['total_s']:>8.1f}s  outputs in {out_dir}")
+        lines.append(f"{labels.get(name, name):<22}{test:>10}{val:>10}{seconds:>8.1f}s  "
+                     f"{note}".rstrip())
+    lines.append(f"{'total':<42}{metrics['timings']['total_s']:>8.1f}s  outputs in {out_dir}")
     return "\n".join(lines)
