@@ -13,9 +13,9 @@ import torch
 from conftest import QUICK, REPO, epochs, layers, run_cli
 from omegaconf import OmegaConf
 
-from saelab.autoencoder import AutoEncoder, classifier, stack_encoders
+from saelab.app import execute
 from saelab.config import compose, compose_raw
-from saelab.modules import AutoencoderModule, ClassifierModule
+from saelab.stages import plan
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 SMALL = QUICK  # a sweep job of a few seconds: one hidden layer pair, one epoch per stage
@@ -37,18 +37,26 @@ def read_summary(sweep_dir: Path) -> tuple[list[dict], str]:
     return rows, (sweep_dir / "summary.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_preset_instantiates_its_networks_and_optimisers(name):
-    cfg = compose([f"experiment={name}"])
-    sizes, k = list(cfg.model.sizes), len(cfg.data.classes)
-    aes = [AutoEncoder(a, b, cfg.model.activation, cfg.model.tied)
-           for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
-    for ae in aes:
-        AutoencoderModule(ae, cfg.pretrain, "pretrain", "pretrain").configure_optimizers()
-    net = classifier(stack_encoders(aes), sizes[-1], k)
-    for stage in ("baseline", "probe", "finetune", "scratch"):
-        ClassifierModule(net, cfg[stage], stage, stage).configure_optimizers()
-    assert net(torch.zeros(2, 784)).shape == (2, k)
+def test_every_experiment_preset_runs_through_the_pipeline(name, tmp_path):
+    """Each preset's own networks, optimisers and stages, trained by the pipeline for two steps a
+    stage on a few hundred images: every stage of its plan leaves a checkpoint and numbers."""
+    preset = compose([f"experiment={name}"])
+    shrink = ["data.train_limit=300", "data.test_limit=100", "visualize.enabled=false",
+              "store=null", "trainer.accelerator=cpu",
+              *(f"{group}.{key}={value}" for group in ("baseline", "pretrain", "probe",
+                                                       "finetune")
+                for key, value in (("epochs", 1), ("steps_per_epoch", 2))),
+              *(["data.labels_per_class=5"] if preset.data.labels_per_class else []),
+              *(["tune.trials=1"] if preset.tune.trials else [])]
+    run = execute(compose([f"experiment={name}", *shrink]), tmp_path / "run")
+    assert [ae.encoder.out_features for ae in run.autoencoders] == list(preset.model.sizes)[1:]
+    for stage in plan(run.cfg):
+        assert (tmp_path / "run" / "checkpoints" / f"{stage.name}.pt").is_file()
+        if stage.classifies:
+            assert 0 <= run.metrics[stage.name]["test_acc"] <= 1
+    assert run.networks["finetune"](torch.zeros(2, 784)).shape == (2, len(preset.data.classes))
 
 
 @pytest.mark.parametrize("name", ["seed_notebook_binary", "seed_notebook_multiclass"])

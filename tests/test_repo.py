@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -61,3 +62,18 @@ def test_the_docs_hold_measured_numbers_only():
 
 def test_the_readme_stays_the_front_door():
     assert len((REPO / "README.md").read_text().splitlines()) <= 210
+
+
+def test_every_measured_number_in_the_docs_is_rendered_from_its_run():
+    """The README's and docs' generated blocks hold what docs/measured.json recorded, so no two
+    pages quote one run differently (regenerate: python benchmarks/measured.py render)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("measured", REPO / "benchmarks" / "measured.py")
+    measured = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(measured)
+    assert measured.render(check=True) == []
+    generated = measured.blocks(json.loads((REPO / "docs" / "measured.json").read_text()))
+    for page in markdown_files():
+        for name in re.findall(r"<!-- measured:(\S+) -->", page.read_text()):
+            assert name in generated, f"{page.name}: block {name} has no recorded run"
