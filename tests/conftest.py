@@ -6,6 +6,7 @@ loop is `pytest -m "not slow"`."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,12 @@ def run_cli(run_dir: Path | None, *overrides: str, timeout: int = 300,
     where = [f"hydra.run.dir={run_dir}"] if run_dir is not None else []
     cmd = [sys.executable, "-m", "saelab", *overrides, *where]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run to damage (links copied as links)."""
+    shutil.copytree(run_dir, tmp_path / "run", symlinks=True)
+    return tmp_path / "run"
 
 
 def folder_state(path: Path, attempt: bool = False) -> dict[str, tuple[bytes, int]]:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QUICK, REPO, folder_state, run_cli
+from conftest import QUICK, REPO, copy_of, folder_state, run_cli
 from omegaconf import OmegaConf
 
 import saelab
@@ -37,10 +37,6 @@ def finished(tmp_path_factory) -> Path:
     saelab.run(QUICK, run_dir)
     return run_dir
 
-
-def copy_of(finished: Path, tmp_path: Path) -> Path:
-    shutil.copytree(finished, tmp_path / "run", symlinks=True)
-    return tmp_path / "run"
 
 
 # Refused at the front door: one line, exit 2, nothing created -------------------------------

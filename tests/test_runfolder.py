@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, REPO, epochs, folder_state, layers, run_cli
+from conftest import QUICK, REPO, copy_of, epochs, folder_state, layers, run_cli
 
 import saelab
 from saelab import progress
@@ -46,11 +45,6 @@ def finished(tmp_path_factory) -> Path:
     saelab.run(DENOISING, run_dir)
     return run_dir
 
-
-def copy_of(finished: Path, tmp_path: Path) -> Path:
-    target = tmp_path / "run"
-    shutil.copytree(finished, target)
-    return target
 
 
 def test_checkpoints_record_the_fingerprint_of_exactly_the_keys_each_stage_reads(finished):

@@ -10,6 +10,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import pytorch_lightning as pl
 import torch
@@ -17,11 +18,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from saelab.data import Minibatches, load_splits
-from saelab.modules import EvalBatches
+from saelab.modules import EvalBatches, StageModule
 from saelab.progress import Estimator, ProgressDisplay
 from saelab.runfolder import RunFolder
 from saelab.runner import Runner
-from saelab.stages import Expected, Experiment, Stage, expected
+from saelab.stages import Expected, Experiment, Stage, View, expected
 
 # Lightning's start-up chatter (accelerator report, tips) hides the experiment's own log lines.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
@@ -58,30 +59,36 @@ def run_experiment(cfg: DictConfig, folder: RunFolder, device: torch.device, rec
     record("data", data=data.summary(), work={
         "rate": estimate.rate, "steps": dict(estimate.steps), "per_step": dict(estimate.work)})
     try:
-        for name, exp in want.items():
+        for name, exp in want.items():  # the stages, in the order they run (stages.plan)
             stage, s = exp.stage, exp.settings
             with own_stream(stage, cfg.seed):
-                train_x, train_y, val_x, val_y = stage.inputs(ex, s)
-
-                def attempt(view, stage=stage, train_x=train_x, train_y=train_y, val_x=val_x,
-                            val_y=val_y):
-                    """The stage's module and data under the settings `view`."""
-                    module = stage.module(ex, stage.model(ex, view).to(device), view)
-                    stage.before_fit(ex, view)
-                    return (module, batches(cfg, train_x, train_y, view[stage.group]),
-                            EvalBatches(val_x, val_y))
-
-                views = s.tuning(stage.group, list(s.tune.space), s.seed, s.tune.trials) \
-                    if stage.tuned else [s]
-                beside = (EvalBatches(data.val_x, data.val_y),
-                          EvalBatches(data.test_x, data.test_y)) if (
-                    stage.tuned and s.tune.full_val) else None
-                module, fitted = runner.fit(exp, attempt, views, beside)
+                inputs = stage.inputs(ex, s)
+                module, fitted = runner.fit(exp, partial(attempt, ex, stage, inputs),
+                                            stage.views(s), beside(ex, stage, s))
                 stage.keep(ex, module.model, s)
                 record(name, **{name: {**stage.metrics(ex, module, s), **fitted}})
     finally:
         progress.close()
     return ex
+
+
+def attempt(ex: Experiment, stage: Stage, inputs: tuple, view: View
+            ) -> tuple[StageModule, Minibatches, EvalBatches]:
+    """A stage's Lightning module (its network freshly built) and data, under settings `view`."""
+    train_x, train_y, val_x, val_y = inputs
+    module = stage.module(ex, stage.model(ex, view).to(ex.device), view)
+    stage.before_fit(ex, view)
+    return (module, batches(ex.cfg, train_x, train_y, view[stage.group]),
+            EvalBatches(val_x, val_y))
+
+
+def beside(ex: Experiment, stage: Stage, s: View) -> tuple[EvalBatches, EvalBatches] | None:
+    """For a tuned stage (`tune.full_val`): the whole validation split, to select on beside,
+    and the test set, to report what it would have chosen."""
+    if not (stage.tuned and s.tune.full_val):
+        return None
+    data = ex.data
+    return EvalBatches(data.val_x, data.val_y), EvalBatches(data.test_x, data.test_y)
 
 
 @contextmanager

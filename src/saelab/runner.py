@@ -149,8 +149,11 @@ class Runner:
             candidate.model.to(self.device)  # Lightning's teardown leaves it on the CPU
             if len(views) > 1:
                 trials.append(self.trial(candidate, view, beside))
-                log.info("%s: trial %d/%d, validation %s", stage.label, t + 1, len(views),
-                         trials[-1]["kept"])
+                drawn = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                  for k, v in view.drawn.items())
+                log.info("%s: trial %d/%d (%s): best check at epoch %d, %s %.4g", stage.label,
+                         t + 1, len(views), drawn, candidate.kept.get("epoch", 0),
+                         candidate.monitor, candidate.kept.get(candidate.monitor) or float("nan"))
             if module is None or better(candidate, module):
                 module = candidate
         record = {"seconds": time.perf_counter() - began, "history": module.history}

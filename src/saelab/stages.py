@@ -166,6 +166,11 @@ class Stage:
         """What it trains and selects on: x, y, val x, val y (y None without labels)."""
         return ex.labelled()
 
+    def views(self, s: View) -> list[View]:
+        """The settings it trains under: its own, or each of its tuning trials'."""
+        return s.tuning(self.group, list(s.tune.space), s.seed, s.tune.trials) if self.tuned \
+            else [s]
+
     def model(self, ex: Experiment, s: View) -> nn.Module:
         """Its network, freshly built (initial weights drawn from the random stream)."""
         raise NotImplementedError
@@ -376,12 +381,13 @@ class ScratchProbe(Probe):
     label = "probe (random stack)"
     about = "linear head on the frozen stack at its initial, random weights"
     own_stream = True
+    top = False
 
-    def __init__(self, n_layers: int):
-        super().__init__(n_layers, n_layers)
-        self.name, self.label = ScratchProbe.name, ScratchProbe.label
-        self.own_stream, self.top = True, False
-        self.keys = (*self.keys, "model.sizes", "model.activation")
+    def __init__(self, n_layers: int):  # its own names: Probe's are a layer's
+        self.k = n_layers
+        self.keys = DATA + LABELS + group_keys("probe") + ("model.sizes", "model.activation") + \
+            NUMERICS
+        self.consumes = tuple(f"pretrain_layer{j}" for j in range(1, n_layers + 1))
 
     def stack(self, ex: Experiment) -> nn.Sequential:
         return initial_network(ex)[0].to(ex.device)
