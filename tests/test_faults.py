@@ -290,3 +290,19 @@ def test_sigterm_to_a_joblib_sweep_reaches_every_job_and_leaves_no_process(tmp_p
     while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in workers):
         time.sleep(0.5)
     assert not [p for p in workers if Path(f"/proc/{p}").exists()]
+
+
+def test_saelab_report_on_a_folder_in_use_names_its_holder(finished, tmp_path, capsys):
+    from saelab.runfolder import RunFolder
+
+    run_dir = copy_of(finished, tmp_path)
+    holder = RunFolder(run_dir)
+    holder.lock()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            report_main([str(run_dir)])
+    finally:
+        holder.unlock()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert f"is in use by pid {os.getpid()}" in err
