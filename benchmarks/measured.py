@@ -43,11 +43,11 @@ def cpu() -> str:
         return platform.processor() or platform.machine()
 
 
-def record(name: str, folder: Path, command: str, wall: float | None = None) -> None:
-    """Add a run's metrics (or a sweep's per-seed statistics and rows) to docs/measured.json;
-    `wall`: the seconds the whole command took, as timed around it."""
+def record(name: str, folder: Path, command: str) -> None:
+    """Add a run's metrics (or a sweep's per-seed statistics and rows, with each job's time) to
+    docs/measured.json."""
     measured = json.loads(SOURCE.read_text()) if SOURCE.exists() else {}
-    entry: dict = {"command": command, "cpu": cpu(), "wall_s": wall}
+    entry: dict = {"command": command, "cpu": cpu()}
     if (folder / "metrics.json").exists():
         metrics = json.loads((folder / "metrics.json").read_text())
         entry["metrics"] = {k: v for k, v in metrics.items() if k not in ("versions",)}
@@ -147,9 +147,9 @@ def jobs_table(entry: dict, keys: list[str], columns: dict[str, str]) -> str:
 
 def study_time(entry: dict) -> str:
     seconds = [s for g in entry["groups"] for s in g["seconds"] if s]
-    return (f"{len(seconds)} jobs in {entry['wall_s'] / 60:.0f} minutes, the whole command "
-            f"timed (each job {min(seconds):.0f}-{max(seconds):.0f} s, the first of each seed "
-            f"pretraining); CPU: {entry['cpu']}, default threads.")
+    return (f"{len(seconds)} jobs, {sum(seconds) / 60:.0f} minutes of the jobs' own times "
+            f"summed (each {min(seconds):.0f}-{max(seconds):.0f} s, the first of each seed "
+            f"pretraining; the sweep's start adds seconds); CPU: {entry['cpu']}, default threads.")
 
 
 def study_table(entry: dict, suffix: str = "test_acc") -> str:
@@ -195,11 +195,10 @@ def main() -> None:
     rec.add_argument("name")
     rec.add_argument("folder", type=Path)
     rec.add_argument("--command", required=True)
-    rec.add_argument("--wall", type=float, help="seconds the command took, timed around it")
     sub.add_parser("render")
     args = parser.parse_args()
     if args.what == "record":
-        record(args.name, args.folder, args.command, args.wall)
+        record(args.name, args.folder, args.command)
     else:
         print("\n".join(str(p) for p in render()) or "every block is current")
 

@@ -22,7 +22,7 @@ from saelab.data import load_raw, scale_pixels
 from saelab.evaluation import in_chunks
 from saelab.export import main as encode_main
 
-TIMINGS = ("seconds", "timings", "versions", "git_commit", "device", "origin", "source")
+TIMINGS = ("seconds", "timings", "rate", "versions", "git_commit", "device", "origin", "source")
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +133,9 @@ def test_run_leaves_the_callers_logging_and_signal_handlers_as_they_were(tmp_pat
 
 
 def without_timings(metrics: dict) -> dict:
-    """metrics.json less what differs between two identical runs (times, versions, paths; the
-    first run reads the mirror, the second the cache it filled)."""
+    """metrics.json less what differs between two identical runs (times, the speed measured for
+    the progress estimate, versions, paths; the first run reads the mirror, the second the cache
+    it filled)."""
     if isinstance(metrics, dict):
         return {k: without_timings(v) for k, v in metrics.items() if k not in TIMINGS}
     if isinstance(metrics, list):
