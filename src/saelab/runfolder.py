@@ -21,6 +21,7 @@ a symbolic link, and never leaves a temporary file behind.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import logging
 import os
@@ -381,7 +382,11 @@ class RunFolder:
         name = exp.stage.name
         saved = {"format": FORMAT, "stage": name, "fingerprint": exp.fingerprint,
                  "inputs": exp.inputs, "data": exp.data, "consumes": exp.consumes, **contents}
-        self.write(f"{CHECKPOINTS}/{name}.pt", lambda tmp: torch.save(saved, tmp))
+        # Serialised in memory first: torch's zip writer turns a failed write (a full disk) into
+        # a RuntimeError; a plain file write raises the OSError a run stops cleanly on.
+        buffer = io.BytesIO()
+        torch.save(saved, buffer)
+        self.write(f"{CHECKPOINTS}/{name}.pt", buffer.getvalue())
         return self.checkpoint(name)
 
 
