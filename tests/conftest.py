@@ -1,7 +1,7 @@
 """Shared fixtures: the offline mirror beside the repo, a private cache, tiny-run overrides.
 
-Tests that start the command line in a subprocess (an end-to-end run) are marked `slow`; the edit
-loop is `pytest -m "not slow"`."""
+Whole runs and sweeps (in process or through the command line) and checks over every config key
+or option are marked `slow`; the edit loop is `pytest -m "not slow"`."""
 
 from __future__ import annotations
 

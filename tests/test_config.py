@@ -85,6 +85,7 @@ def test_cross_key_rules(overrides, key):
     compose(["pretrain.noise.kind=gaussian", "pretrain.noise.levels=[0.1,0.2,1.5,0.3]"])
 
 
+@pytest.mark.slow
 def test_every_preset_and_group_option_composes_and_validates(monkeypatch):
     monkeypatch.setattr("saelab.config.cuda_devices", lambda: 1)  # trainer=gpu: a GPU machine
     for group in ("experiment", "trainer", "logger", "data"):
@@ -131,6 +132,7 @@ def test_a_basic_sweep_is_expanded_into_its_jobs():
         (f"seed={s}", f"finetune.lr={lr}") for s in (0, 1) for lr in ("0.001", "-1"))
 
 
+@pytest.mark.slow
 def test_an_optuna_search_is_checked_at_each_choice_and_both_ends_of_each_interval():
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     cfg = compose_raw(["hparams_search=optuna"], hydra=True)

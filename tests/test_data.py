@@ -51,14 +51,14 @@ def _mirror_copy(tmp_path: Path, mutate, stem: str = "train-images-idx3-ubyte") 
 @pytest.mark.parametrize("mutate, message", [
     (lambda b: b[:-100], "truncated"),
     (lambda b: b"\x00\x00\x08\x01" + b[4:], "magic"),
-    (lambda b: b[:4] + (59999).to_bytes(4, "big") + b[8:], "dimensions"),
+    (lambda b: b[:4] + (9999).to_bytes(4, "big") + b[8:], "dimensions"),
 ])
 def test_corrupt_mirror_is_rejected_naming_the_file(tmp_path, mutate, message):
-    mirror = _mirror_copy(tmp_path, mutate)
+    mirror = _mirror_copy(tmp_path, mutate, "t10k-images-idx3-ubyte")
     with pytest.raises(ConfigError, match=message) as err:
         load_raw("mnist", str(tmp_path / "cache"), str(mirror), download=False)
     assert err.value.key == "data.mirror"
-    assert "train-images-idx3-ubyte.gz" in str(err.value)
+    assert "t10k-images-idx3-ubyte.gz" in str(err.value)
 
 
 def test_truncated_gzip_is_a_config_error(tmp_path):

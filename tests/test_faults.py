@@ -120,6 +120,7 @@ def test_resume_asking_for_a_gpu_the_machine_lacks_is_refused(finished, tmp_path
 
 # Refused late: nothing left behind -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_run_refused_once_the_data_is_read_leaves_no_folder(tmp_path):
     mirror = tmp_path / "mirror" / "MNIST" / "raw"
     shutil.copytree(Path(os.environ["SAELAB_MIRROR"]) / "MNIST" / "raw", mirror)

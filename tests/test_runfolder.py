@@ -191,6 +191,7 @@ def test_resume_retrains_a_damaged_stage_and_every_stage_that_consumes_it(finish
 
 # 5. Exact resumption ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("last", STAGES[:-1])
 def test_a_denoising_run_resumed_after_any_stage_equals_the_uninterrupted_run(finished, tmp_path,
                                                                              last):
@@ -215,6 +216,7 @@ def test_resume_applies_overrides_that_change_no_finished_stage(finished, tmp_pa
     assert "finetune.epochs=2" in (run_dir / ".hydra" / "overrides.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_resume_applies_a_group_override_by_what_its_preset_changes(finished, tmp_path):
     run_dir = copy_of(finished, tmp_path)
     (run_dir / "checkpoints" / "scratch.pt").unlink()
@@ -237,6 +239,7 @@ def test_resume_refuses_an_override_that_would_change_a_finished_stage(finished,
 
 # 7. Stop requests --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_stops_within_a_step_keeps_finished_stages_and_resume_completes(
         finished, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
