@@ -74,18 +74,23 @@ def spawn(variant: str, device: str, overrides: list[str], steps: int) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--device", device,
            "--steps", str(steps), *[f"--set={o}" for o in overrides]]
     from saelab.config import compose
+    from saelab.fastpath import NVML_CHECK
     from saelab.stages import plan
 
     cfg = compose(overrides)
+    # Lightning, imported here with the stage registry, sets NVML_CHECK for its own workers; a
+    # child inheriting it asks NVML whether CUDA is there at every Adam step (~0.1 ms where torch
+    # has CUDA and the machine no GPU). saelab's child drops it while it trains (fastpath).
+    env = {k: v for k, v in os.environ.items() if k != NVML_CHECK}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     # The result line may follow the progress line's last redraw ("\r...") on the same line.
     lines = [line[line.index(MARK):] for line in proc.stdout.splitlines() if MARK in line]
     if proc.returncode or not lines:
         sys.exit(f"{variant} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(lines[-1][len(MARK):])
-    # Counted here: the stage registry imports Lightning, which the reference loops must not
-    # (importing it slowed the plain loop's steps by about 60% on this project's Intel CPU).
+    # Counted here: the stage registry imports Lightning, and with it NVML_CHECK, which the
+    # reference loops' processes must not (it slowed the plain loop's steps by 60% on this CPU).
     epochs = sum(cfg[stage.group].epochs for stage in plan(cfg))
     return {**result, "epochs": epochs, "samples_per_s": result["n_train"] * epochs /
             result["total_s"], "process_s": time.perf_counter() - start}
