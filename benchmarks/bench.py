@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from saelab.stages import plan
+
 REPO = Path(__file__).resolve().parents[1]
 MARK = "BENCH-RESULT "
 TARGETS = {"saelab_over_plain_max": 1.15, "per_sample_over_saelab_min": 10.0,
@@ -46,7 +48,6 @@ def child(variant: str, device: str, overrides: list[str], steps: int) -> dict:
     cfg = compose([trainer, "progress=bar", "visualize.enabled=false", *overrides])
     if variant == "saelab":
         from saelab.app import execute
-        from saelab.stages import plan
 
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as out:
@@ -65,7 +66,9 @@ def child(variant: str, device: str, overrides: list[str], steps: int) -> dict:
         from per_sample import run_per_sample
 
         result = run_per_sample(cfg, steps)
-    result.update(peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)
+    epochs = sum(cfg[stage.group].epochs for stage in plan(cfg))
+    result.update(epochs=epochs, samples_per_s=result["n_train"] * epochs / result["total_s"],
+                  peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)
     return result
 
 
@@ -73,32 +76,20 @@ def spawn(variant: str, device: str, overrides: list[str], steps: int) -> dict:
     """One variant in a fresh Python process."""
     cmd = [sys.executable, __file__, "--child", variant, "--device", device,
            "--steps", str(steps), *[f"--set={o}" for o in overrides]]
-    from saelab.config import compose
-    from saelab.fastpath import NVML_CHECK
-    from saelab.stages import plan
-
-    cfg = compose(overrides)
-    # Lightning, imported here with the stage registry, sets NVML_CHECK for its own workers; a
-    # child inheriting it asks NVML whether CUDA is there at every Adam step (~0.1 ms where torch
-    # has CUDA and the machine no GPU). saelab's child drops it while it trains (fastpath).
-    env = {k: v for k, v in os.environ.items() if k != NVML_CHECK}
+    # Neither this process nor the reference loops' import Lightning (the stage registry does
+    # not): Lightning switches on an NVML check that makes every Adam step ask whether CUDA is
+    # there (~0.1 ms where torch has CUDA and the machine no GPU; saelab drops it while it trains).
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     # The result line may follow the progress line's last redraw ("\r...") on the same line.
     lines = [line[line.index(MARK):] for line in proc.stdout.splitlines() if MARK in line]
     if proc.returncode or not lines:
         sys.exit(f"{variant} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    result = json.loads(lines[-1][len(MARK):])
-    # Counted here: the stage registry imports Lightning, and with it NVML_CHECK, which the
-    # reference loops' processes must not (it slowed the plain loop's steps by 60% on this CPU).
-    epochs = sum(cfg[stage.group].epochs for stage in plan(cfg))
-    return {**result, "epochs": epochs, "samples_per_s": result["n_train"] * epochs /
-            result["total_s"], "process_s": time.perf_counter() - start}
+    return {**json.loads(lines[-1][len(MARK):]), "process_s": time.perf_counter() - start}
 
 
 def epoch_overrides(epochs: int | None) -> list[str]:
     from saelab.config import compose
-    from saelab.stages import plan
 
     groups = dict.fromkeys(stage.group for stage in plan(compose()))
     return [] if epochs is None else [f"{group}.epochs={epochs}" for group in groups]

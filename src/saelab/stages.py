@@ -23,7 +23,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -32,15 +32,13 @@ from torch import nn
 from saelab.autoencoder import AutoEncoder, classifier, stack_encoders
 from saelab.data import Minibatches, Splits
 from saelab.evaluation import CHUNK, classifier_metrics, in_chunks
-from saelab.modules import (
-    AutoencoderModule,
-    ClassifierModule,
-    SemisupModule,
-    StageModule,
-    corrupt,
-)
 from saelab.runfolder import FORMAT
 from saelab.schema import Arm, Codes, HeadInit, leaves
+
+if TYPE_CHECKING:  # the stages' builders import Lightning (modules) when they run: reading the
+    # registry (the sweep summary, the benchmark's reference loops) imports neither Lightning nor
+    # the NVML check it switches on (fastpath.NVML_CHECK)
+    from saelab.modules import StageModule
 
 log = logging.getLogger("saelab")
 
@@ -177,6 +175,8 @@ class Stage:
 
     def module(self, ex: Experiment, model: nn.Module, s: View) -> StageModule:
         """The Lightning module that trains `model`."""
+        from saelab.modules import ClassifierModule
+
         return ClassifierModule(model, s[self.group], self.label, self.group)
 
     def before_fit(self, ex: Experiment, s: View) -> None:
@@ -259,6 +259,8 @@ class PretrainLayer(Stage):
             ex.inputs = tuple(in_chunks(code, x) for x in ex.inputs)
         val = ex.inputs[1]
         if s.pretrain.noise.validation:  # one fixed corrupted copy: the denoising objective
+            from saelab.modules import corrupt
+
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(s.seed * 100_003 + VAL_NOISE_SEED + self.k)
                 noisy = corrupt(val, s.pretrain.noise.kind, self.level(s), self.background(ex))
@@ -281,6 +283,8 @@ class PretrainLayer(Stage):
         return ae
 
     def module(self, ex: Experiment, model: nn.Module, s: View) -> StageModule:
+        from saelab.modules import AutoencoderModule
+
         return AutoencoderModule(model, s.pretrain, self.label, f"pretrain/layer{self.k}",
                                  background=self.background(ex), noise_level=self.level(s))
 
@@ -437,6 +441,8 @@ class Finetune(Stage):
 
     def module(self, ex: Experiment, model: nn.Module, s: View) -> StageModule:
         settings = s[self.group]
+        from saelab.modules import ClassifierModule
+
         return ClassifierModule(model, settings, self.label, self.group,
                                 encoder_lr_scale=settings.get("encoder_lr_scale"),
                                 dropout=settings.dropout, shift=settings.augment.shift,
@@ -488,6 +494,8 @@ class Semisup(Finetune):
         settings = s.semisup
         steps = Minibatches.steps(self.n_samples(ex), settings.batch_size,
                                   settings.steps_per_epoch) * settings.epochs
+        from saelab.modules import SemisupModule
+
         return SemisupModule(model, settings, self.label, self.group, ex.data.train_x, steps,
                              encoder_lr_scale=settings.encoder_lr_scale,
                              dropout=settings.dropout, shift=settings.augment.shift,
