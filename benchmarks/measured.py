@@ -21,15 +21,17 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from saelab.stats import mean_interval, mean_std
-from saelab.sweep import collect, groups
+from saelab.schema import Arm
+from saelab.stats import mean_interval, mean_std, points_interval, points_spread
+from saelab.sweep import collect, groups, pairs
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "docs" / "measured.json"
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 BLOCK = re.compile(r"(<!-- measured:(\S+) -->\n)(.*?)(<!-- /measured -->)", re.S)
 CLASSIFIERS = ("baseline", "probe", "finetune", "scratch")
-ARMS = ("semisup", "finetune", "scratch")
+PAIRS = pairs([arm.value for arm in Arm])  # the compared arms in pairs, as the sweep summary
+ARMS = list(dict.fromkeys(arm for pair in PAIRS for arm in pair))
 LABELS = "data.labels_per_class"
 
 
@@ -78,15 +80,12 @@ def pct(value) -> str:
 
 def spread(group: dict, column: str) -> str:
     got = group["mean_std"].get(column)
-    return "–" if got is None else f"{100 * got[0]:.2f} ± {100 * (got[1] or 0):.2f}"
+    return "–" if got is None else points_spread(*got)
 
 
 def interval(group: dict, a: str, b: str) -> str:
     got = group["paired"].get(f"{a} - {b}")
-    if got is None:
-        return "–"
-    mean, low, high = got
-    return f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
+    return "–" if got is None else points_interval(*got)
 
 
 def run_row(m: dict, name: str) -> str:
@@ -157,16 +156,15 @@ def study_table(entry: dict, suffix: str = "test_acc") -> str:
     (of the weights the labelled validation images chose, or with `beside_test_acc` the whole
     validation split), the paired differences of the arms with their 95% intervals in points,
     the pixel baseline and the frozen probes of each layer."""
-    arms, pairs = ARMS, [(a, b) for i, a in enumerate(ARMS) for b in ARMS[i + 1:]]
     probes = sorted({c.rsplit("_", 2)[0] for g in entry["groups"] for c in g["mean_std"]
                      if c.startswith("probe_layer") and c.endswith("_test_acc")})
-    header = ["labels per class", "seeds", *arms, *(f"{a} − {b}" for a, b in pairs), "baseline",
+    header = ["labels per class", "seeds", *ARMS, *(f"{a} − {b}" for a, b in PAIRS), "baseline",
               *probes, "probe"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for g in sorted(entry["groups"], key=lambda g: int(g["overrides"].get(LABELS, 0))):
         cells = [g["overrides"].get(LABELS, "all"), str(g["n"]),
-                 *(spread(g, f"{arm}_{suffix}") for arm in arms),
-                 *(interval(g, f"{a}_{suffix}", f"{b}_{suffix}") for a, b in pairs),
+                 *(spread(g, f"{arm}_{suffix}") for arm in ARMS),
+                 *(interval(g, f"{a}_{suffix}", f"{b}_{suffix}") for a, b in PAIRS),
                  *(spread(g, f"{s}_test_acc") for s in ("baseline", *probes, "probe"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

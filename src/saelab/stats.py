@@ -46,3 +46,13 @@ def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, floa
     mean, sd = mean_std(values)
     half = t_quantile(level, len(values) - 1) * sd / math.sqrt(len(values))
     return mean, mean - half, mean + half
+
+
+def points_spread(mean: float, sd: float | None) -> str:
+    """A mean ± standard deviation of fractions, in percent ("–" for a missing deviation)."""
+    return f"{100 * mean:.2f} ± {100 * sd:.2f}" if sd is not None else f"{100 * mean:.2f} ± –"
+
+
+def points_interval(mean: float, low: float, high: float) -> str:
+    """A mean difference of fractions and its interval, in signed percentage points."""
+    return f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"

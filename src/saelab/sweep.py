@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from saelab.runfolder import METRICS, OVERRIDES
 from saelab.schema import Arm
-from saelab.stats import mean_interval, mean_std
+from saelab.stats import mean_interval, mean_std, points_interval, points_spread
 
 SEED = "seed"
 LABELS = "data.labels_per_class"
@@ -150,18 +150,14 @@ def _format(column: str, value: float | None) -> str:
 
 
 def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    mean, sd = mean_std(values)
-    return f"{100 * mean:.2f} ± {100 * sd:.2f}" if sd is not None else f"{100 * mean:.2f} ± –"
+    return points_spread(*mean_std(values)) if values else "–"
 
 
 def _interval(values: list[float]) -> str:
     got = mean_interval(values)
     if got is None:
         return "–" if not values else f"{100 * values[0]:+.2f} (n=1)"
-    mean, low, high = got
-    return f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
+    return points_interval(*got)
 
 
 def seed_table(sweep_groups: list[Group], varying: list[str], order: list[str],
