@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from saelab.stages import plan
+from saelab.experiment.stages import plan
 
 REPO = Path(__file__).resolve().parents[1]
 MARK = "BENCH-RESULT "
@@ -42,12 +42,12 @@ def child(variant: str, device: str, overrides: list[str], steps: int) -> dict:
     """Run one variant in this process; returns its timings and peak resident memory."""
     import torch
 
-    from saelab.config import compose
+    from saelab.config.job import compose
 
     trainer = "trainer=gpu" if device == "cuda" else "trainer=cpu"
     cfg = compose([trainer, "progress=bar", "visualize.enabled=false", *overrides])
     if variant == "saelab":
-        from saelab.app import execute
+        from saelab.api import execute
 
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as out:
@@ -89,7 +89,7 @@ def spawn(variant: str, device: str, overrides: list[str], steps: int) -> dict:
 
 
 def epoch_overrides(epochs: int | None) -> list[str]:
-    from saelab.config import compose
+    from saelab.config.job import compose
 
     groups = dict.fromkeys(stage.group for stage in plan(compose()))
     return [] if epochs is None else [f"{group}.epochs={epochs}" for group in groups]

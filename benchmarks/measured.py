@@ -21,9 +21,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from saelab.schema import Arm
-from saelab.stats import mean_interval, mean_std, points_interval, points_spread
-from saelab.sweep import collect, groups, pairs
+from saelab.config.schema import Arm
+from saelab.report.stats import mean_interval, mean_std, points_interval, points_spread
+from saelab.report.sweep import collect, groups, pairs
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "docs" / "measured.json"
@@ -99,7 +99,7 @@ def run_row(m: dict, name: str) -> str:
 
 def blocks(m: dict) -> dict[str, str]:
     """Every generated block, by name."""
-    from saelab.app import summary_table
+    from saelab.api import summary_table
 
     out = {}
     if {"default", "binary"} <= m.keys():

@@ -20,8 +20,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
-from saelab.autoencoder import AutoEncoder, classifier, stack_encoders
-from saelab.data import TORCHVISION, load_raw
+from saelab.data.splits import TORCHVISION, load_raw
+from saelab.nn.networks import AutoEncoder, StackedNet
 
 WARMUP_STEPS = 2
 VAL_BATCH = 1000  # the test batch size of PyTorch's MNIST example
@@ -79,6 +79,11 @@ def time_stage(model: nn.Module, frozen: nn.Module, loss_kind: str, train: DataL
             "extrapolated_s": epochs * (len(train) * step_s + val_s)}
 
 
+def stack(autoencoders: list[AutoEncoder]) -> nn.Module:
+    """The frozen encoders a stage reads its inputs through (none: the pixels)."""
+    return StackedNet.from_autoencoders(autoencoders, None) if autoencoders else nn.Identity()
+
+
 def run_per_sample(cfg, steps: int) -> dict:
     """Every stage of the experiment, timed on `steps` steps each and extrapolated."""
     start = time.perf_counter()
@@ -88,23 +93,23 @@ def run_per_sample(cfg, steps: int) -> dict:
     act, tied = cfg.model.activation, cfg.model.tied
     autoencoders = [AutoEncoder(d_in, d_out, act, tied)
                     for d_in, d_out in zip(sizes[:-1], sizes[1:], strict=True)]
-    stages = {"baseline": time_stage(classifier(nn.Identity(), sizes[0], k), nn.Identity(),
+    stages = {"baseline": time_stage(StackedNet(sizes[:1], k), nn.Identity(),
                                      "ce", train, val, cfg.baseline, steps)}
     for i, ae in enumerate(autoencoders, start=1):
-        stages[f"pretrain_layer{i}"] = time_stage(ae, stack_encoders(autoencoders[: i - 1]),
+        stages[f"pretrain_layer{i}"] = time_stage(ae, stack(autoencoders[: i - 1]),
                                                   "mse", train, val, cfg.pretrain, steps)
         if i < len(autoencoders):  # each layer below the top is probed too
             stages[f"probe_layer{i}"] = time_stage(
-                nn.Linear(sizes[i], k), stack_encoders(autoencoders[:i]), "ce", train, val,
+                nn.Linear(sizes[i], k), stack(autoencoders[:i]), "ce", train, val,
                 cfg.probe, steps)
-    body = stack_encoders(autoencoders)
+    body = stack(autoencoders)
     stages["probe"] = time_stage(nn.Linear(sizes[-1], k), body, "ce", train, val, cfg.probe,
                                  steps)
-    stages["finetune"] = time_stage(classifier(body, sizes[-1], k), nn.Identity(), "ce", train,
-                                    val, cfg.finetune, steps)
-    stages["probe_scratch"] = time_stage(nn.Linear(sizes[-1], k), stack_encoders(autoencoders),
+    stages["finetune"] = time_stage(StackedNet.from_autoencoders(autoencoders, k), nn.Identity(),
+                                    "ce", train, val, cfg.finetune, steps)
+    stages["probe_scratch"] = time_stage(nn.Linear(sizes[-1], k), stack(autoencoders),
                                          "ce", train, val, cfg.probe, steps)
-    stages["scratch"] = time_stage(classifier(stack_encoders(autoencoders), sizes[-1], k),
+    stages["scratch"] = time_stage(StackedNet.from_autoencoders(autoencoders, k),
                                    nn.Identity(), "ce", train, val, cfg.scratch, steps)
     return {"stage_s": {name: s["extrapolated_s"] for name, s in stages.items()},
             "total_s": sum(s["extrapolated_s"] for s in stages.values()),

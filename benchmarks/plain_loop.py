@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from saelab.autoencoder import AutoEncoder, classifier, stack_encoders
-from saelab.data import load_splits
-from saelab.evaluation import in_chunks, predict
+from saelab.data.splits import load_splits
+from saelab.nn.evaluation import in_chunks, predict
+from saelab.nn.networks import AutoEncoder, StackedNet
 
 
 def fit(model: nn.Module, loss_fn: Callable, score_fn: Callable, x: torch.Tensor,
@@ -78,7 +78,7 @@ def run_plain(cfg, device: torch.device) -> dict:
         seconds[name] = fit(model, cross_entropy(model), accuracy(model), x, data.train_y,
                             stage_val, cfg_stage, gen)
 
-    baseline = classifier(nn.Identity(), sizes[0], k).to(device)
+    baseline = StackedNet(sizes[:1], k).to(device)
     train_classifier("baseline", baseline, data.train_x, val, cfg.baseline)
     test_acc["baseline"] = accuracy(baseline)(data.test_x, data.test_y)
 
@@ -93,16 +93,16 @@ def run_plain(cfg, device: torch.device) -> dict:
         autoencoders.append(ae.eval())
         codes = tuple(in_chunks(ae.encode, c) for c in codes)
         if i < len(sizes) - 1:  # each layer below the top is probed too
-            layer_head = classifier(nn.Identity(), d_out, k).to(device)
+            layer_head = StackedNet([d_out], k).to(device)
             train_classifier(f"probe_layer{i}", layer_head, codes[0], (codes[1], data.val_y),
                              cfg.probe)
 
-    head = classifier(nn.Identity(), sizes[-1], k).to(device)
-    scratch = classifier(stack_encoders(initial), sizes[-1], k).to(device)
-    scratch[1].load_state_dict(head[1].state_dict())
+    head = StackedNet(sizes[-1:], k).to(device)
+    scratch = StackedNet.from_autoencoders(initial, k).to(device)
+    scratch.head.load_state_dict(head.head.state_dict())
     train_classifier("probe", head, codes[0], (codes[1], data.val_y), cfg.probe)
-    probe = classifier(stack_encoders(autoencoders), sizes[-1], k).to(device)
-    probe[1].load_state_dict(head[1].state_dict())
+    probe = StackedNet.from_autoencoders(autoencoders, k).to(device)
+    probe.head.load_state_dict(head.head.state_dict())
     test_acc["probe"] = accuracy(probe)(data.test_x, data.test_y)
 
     train_classifier("finetune", probe, data.train_x, val, cfg.finetune)
@@ -110,8 +110,8 @@ def run_plain(cfg, device: torch.device) -> dict:
 
     # Scratch's head: fitted on the frozen random stack's codes, as fine-tuning's on the
     # pretrained one's (model.head=probe).
-    random_codes = tuple(in_chunks(scratch[0], x) for x in (data.train_x, data.val_x))
-    train_classifier("probe_scratch", scratch[1], random_codes[0], (random_codes[1], data.val_y),
+    random_codes = tuple(in_chunks(scratch.codes, x) for x in (data.train_x, data.val_x))
+    train_classifier("probe_scratch", scratch.head, random_codes[0], (random_codes[1], data.val_y),
                      cfg.probe)
     train_classifier("scratch", scratch, data.train_x, val, cfg.scratch)
     test_acc["scratch"] = accuracy(scratch)(data.test_x, data.test_y)

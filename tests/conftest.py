@@ -40,7 +40,7 @@ def layers(metrics: dict) -> list[dict]:
 
 def compose_cfg(*overrides: str):
     """The composed config, as the CLI builds it (not yet validated)."""
-    from saelab.config import compose_raw
+    from saelab.config.compose import compose_raw
 
     return compose_raw(list(overrides))
 

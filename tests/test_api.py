@@ -16,11 +16,11 @@ import torch
 from conftest import QUICK, REPO, folder_state, run_cli
 
 import saelab
-from saelab.app import execute
-from saelab.autoencoder import stack_encoders
-from saelab.data import load_raw, scale_pixels
-from saelab.evaluation import in_chunks
-from saelab.export import main as encode_main
+from saelab.api import execute
+from saelab.data.splits import load_raw, scale_pixels
+from saelab.nn.evaluation import in_chunks
+from saelab.nn.networks import StackedNet
+from saelab.report.export import main as encode_main
 
 TIMINGS = ("seconds", "timings", "rate", "versions", "git_commit", "device", "origin", "source")
 
@@ -36,7 +36,8 @@ def test_load_run_codes_and_predictions_equal_the_pipelines_exactly(quick):
     run = saelab.load_run(quick.dir)
     data = quick.data
     for k in range(1, len(quick.autoencoders) + 1):
-        codes = in_chunks(stack_encoders(quick.autoencoders[:k]), data.test_x)  # as the pipeline
+        stack = StackedNet.from_autoencoders(quick.autoencoders[:k], None)
+        codes = in_chunks(stack.codes, data.test_x)  # as the probes computed them
         assert torch.equal(run.encode(data.test_x, layer=k, scaled=True), codes)
     # raw 0-255 images give the same codes: the run's pixel transform, in the pipeline's chunks
     raw = load_raw("mnist", quick.cfg.data.root, quick.cfg.data.mirror, False)
@@ -70,7 +71,7 @@ def test_saelab_encode_writes_codes_probabilities_and_labels_and_changes_nothing
     data = quick.data
     for split in ("train", "val", "test"):
         x, y = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
-        expected = in_chunks(quick.networks["finetune"][0][:2], x).numpy()
+        expected = in_chunks(lambda part: quick.networks["finetune"].codes(part, 1), x).numpy()
         assert np.array_equal(npz[f"codes_{split}"], expected)
         assert np.array_equal(npz[f"labels_{split}"], y.numpy())
     assert (npz["pred_test"] == npz["labels_test"]).mean() == pytest.approx(

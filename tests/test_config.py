@@ -13,9 +13,11 @@ import pytest
 from conftest import REPO, run_cli
 from omegaconf import OmegaConf
 
-from saelab import schema
 from saelab.cli import main, sweep_jobs
-from saelab.config import compose, compose_raw, load_saved, validate
+from saelab.config import schema
+from saelab.config.compose import compose_raw
+from saelab.config.job import compose, load_saved
+from saelab.config.rules import validate
 from saelab.errors import ConfigError
 
 LANDED = Path(__file__).parent / "data" / "config_saelab_0.1.yaml"  # saved by saelab 0.1.0
@@ -87,7 +89,7 @@ def test_cross_key_rules(overrides, key):
 
 @pytest.mark.slow
 def test_every_preset_and_group_option_composes_and_validates(monkeypatch):
-    monkeypatch.setattr("saelab.config.cuda_devices", lambda: 1)  # trainer=gpu: a GPU machine
+    monkeypatch.setattr("saelab.config.rules.cuda_devices", lambda: 1)  # trainer=gpu: a GPU machine
     for group in ("experiment", "trainer", "logger", "data"):
         for option in sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml")):
             cfg = compose([f"{group}={option}"])
@@ -118,7 +120,8 @@ def test_a_config_saved_by_the_landed_version_loads_onto_the_schema(tmp_path):
 
 def test_the_docs_table_of_keys_is_generated_from_the_schema():
     text = (REPO / "docs" / "configuration.md").read_text()
-    assert text == schema.markdown(), "regenerate: python -m saelab.schema > docs/configuration.md"
+    assert text == schema.markdown(), (
+        "regenerate: python -m saelab.config.schema > docs/configuration.md")
     for k in schema.leaves():
         assert f"`{k.path}`" in text
 
@@ -203,15 +206,16 @@ def test_resume_into_another_folder_is_refused(tmp_path):
 
 
 def test_a_missing_plugin_names_the_extra_to_install(tmp_path, monkeypatch):
-    from saelab import config
+    from saelab.config import compose as composition
+    from saelab.config import job
 
     def missing(overrides, hydra=False):
-        raise config.missing_option("In 'hparams_search/optuna': Could not find "
-                                    "'hydra/sweeper/optuna'", overrides)
+        raise composition.missing_option("In 'hparams_search/optuna': Could not find "
+                                         "'hydra/sweeper/optuna'", overrides)
 
-    monkeypatch.setattr(config, "compose_raw", missing)
+    monkeypatch.setattr(job, "compose_raw", missing)
     with pytest.raises(ConfigError, match=re.escape("pip install -e '.[sweep]'")) as err:
-        config.compose(["hparams_search=optuna"])
+        job.compose(["hparams_search=optuna"])
     assert err.value.key == "hparams_search"
 
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 from conftest import compose_cfg
 
-from saelab.data import Minibatches, load_raw, load_splits, stratified_indices
-from saelab.datafiles import md5_of
-from saelab.datasets import MD5
+from saelab.config.catalogue import MD5
+from saelab.data.batches import Minibatches
+from saelab.data.files import md5_of
+from saelab.data.splits import load_raw, load_splits, stratified_indices
 from saelab.errors import ConfigError
 
 MIRROR = Path(os.environ["SAELAB_MIRROR"])
@@ -125,7 +126,7 @@ def test_poisoned_cache_without_mirror_is_an_error_naming_the_cache_file(poisone
 def _count_hashing(monkeypatch) -> list[int]:
     """Count the calls of the data files' md5 helper (how many files it hashes)."""
     calls = []
-    monkeypatch.setattr("saelab.datafiles.md5_of",
+    monkeypatch.setattr("saelab.data.files.md5_of",
                         lambda data: calls.append(len(data)) or md5_of(data))
     return calls
 

@@ -14,9 +14,10 @@ import yaml
 from conftest import QUICK, REPO, epochs, layers, run_cli
 from omegaconf import OmegaConf
 
-from saelab.app import execute
-from saelab.config import compose, compose_raw
-from saelab.stages import plan
+from saelab.api import execute
+from saelab.config.compose import compose_raw
+from saelab.config.job import compose
+from saelab.experiment.stages import plan
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 SMALL = QUICK  # a sweep job of a few seconds: one hidden layer pair, one epoch per stage

@@ -15,14 +15,15 @@ from conftest import TINY, compose_cfg
 from torch import nn
 from torch.nn import functional as F
 
-from saelab import fastpath
-from saelab.app import execute
-from saelab.autoencoder import AutoEncoder, classifier
-from saelab.config import compose
-from saelab.data import Minibatches, load_splits
+from saelab.api import execute
+from saelab.config.job import compose
+from saelab.data.batches import Minibatches
+from saelab.data.splits import load_splits
 from saelab.errors import ConfigError
-from saelab.fastpath import FastPath, StepLoop
-from saelab.modules import ClassifierModule, make_optimizer
+from saelab.nn import fastpath
+from saelab.nn.fastpath import FastPath, StepLoop
+from saelab.nn.modules import ClassifierModule, make_optimizer
+from saelab.nn.networks import AutoEncoder, StackedNet
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -75,7 +76,7 @@ def test_stage_under_lightning_with_fast_path_on_cpu_matches_plain_loop(data):
     change nothing, and two cosine-scheduled epochs equal the plain loop over the same batches."""
     cfg = compose_cfg(*TINY, "baseline.epochs=2").baseline
     torch.manual_seed(0)
-    model = classifier(nn.Identity(), 784, 10)
+    model = StackedNet([784], 10)
     ref = copy.deepcopy(model)
     stage = ClassifierModule(model, cfg, "baseline", "baseline")
     trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, limit_val_batches=0,
@@ -104,7 +105,7 @@ def test_stage_under_lightning_with_fast_path_on_cpu_matches_plain_loop(data):
 
 
 def test_fast_path_keys_are_checked_and_trainer_gpu_sets_both_groups(monkeypatch):
-    monkeypatch.setattr("saelab.config.cuda_devices", lambda: 1)  # a GPU machine's config
+    monkeypatch.setattr("saelab.config.rules.cuda_devices", lambda: 1)  # a GPU machine's config
     for override, key in [("fastpath.cuda_graphs=maybe", "fastpath.cuda_graphs"),
                           ("fastpath.matmul_precision=low", "fastpath.matmul_precision"),
                           ("trainer.cuda_graphs=true", "trainer.cuda_graphs")]:
@@ -146,8 +147,7 @@ def test_cuda_graph_steps_train_like_eager_steps(data, kind):
     if kind.startswith("autoencoder"):
         model, loss_of, y = AutoEncoder(784, 196).cuda(), mse, None
     else:
-        model, loss_of, y = classifier(nn.Sequential(nn.Linear(784, 49), nn.Tanh()), 49,
-                                       10).cuda(), cross_entropy, data.train_y.cuda()
+        model, loss_of, y = StackedNet([784, 49], 10).cuda(), cross_entropy, data.train_y.cuda()
     (graphed, g_totals, loop), (eager, e_totals, _) = graphed_vs_eager(
         model, loss_of, kind.split("/")[1], data.train_x.cuda(), y)
     assert loop.graphed is not None and loop.graphed.batch_size == 128

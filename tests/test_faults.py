@@ -22,11 +22,11 @@ from omegaconf import OmegaConf
 
 import saelab
 from saelab.cli import main
-from saelab.data import load_raw
+from saelab.data.splits import load_raw
 from saelab.errors import ConfigError
-from saelab.export import main as encode_main
-from saelab.report import main as report_main
-from saelab.runfolder import MANIFEST
+from saelab.report.build import main as report_main
+from saelab.report.export import main as encode_main
+from saelab.runs.folder import MANIFEST
 
 UNWRITABLE = "/proc/saelab-cannot-be-here"  # no one, root included, makes a folder in /proc
 
@@ -61,7 +61,7 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path, monkeypatch,
     if "logger=mlflow" in args:
         pytest.importorskip("mlflow")
     if key == "trainer.accelerator":
-        monkeypatch.setattr("saelab.config.cuda_devices", lambda: 0)  # whatever this machine
+        monkeypatch.setattr("saelab.config.rules.cuda_devices", lambda: 0)  # whatever this machine
     monkeypatch.chdir(tmp_path)
     where = [] if key == "hydra.run.dir" else [f"hydra.run.dir={tmp_path / 'run'}"]
     with pytest.raises(SystemExit) as exit_:
@@ -110,7 +110,7 @@ def test_saelab_encode_refuses_a_bad_device_or_output_in_one_line(finished, caps
 
 def test_resume_asking_for_a_gpu_the_machine_lacks_is_refused(finished, tmp_path, monkeypatch,
                                                                capsys):
-    monkeypatch.setattr("saelab.config.cuda_devices", lambda: 0)
+    monkeypatch.setattr("saelab.config.rules.cuda_devices", lambda: 0)
     run_dir = copy_of(finished, tmp_path)
     with pytest.raises(SystemExit) as exit_:
         main([f"resume={run_dir}", "trainer=gpu"])
@@ -245,7 +245,7 @@ def test_the_saved_config_holds_resolved_values_and_resume_keeps_followers(finis
     saved = (finished / ".hydra" / "config.yaml").read_text()
     assert "${" not in saved
     assert OmegaConf.create(saved).data.mirror == os.environ["SAELAB_MIRROR"]
-    from saelab.config import resumed_config
+    from saelab.config.job import resumed_config
 
     run_dir = copy_of(finished, tmp_path)
     cfg = resumed_config(str(run_dir), ["finetune.lr=0.02"])
@@ -294,7 +294,7 @@ def test_sigterm_to_a_joblib_sweep_reaches_every_job_and_leaves_no_process(tmp_p
 
 
 def test_saelab_report_on_a_folder_in_use_names_its_holder(finished, tmp_path, capsys):
-    from saelab.runfolder import RunFolder
+    from saelab.runs.folder import RunFolder
 
     run_dir = copy_of(finished, tmp_path)
     holder = RunFolder(run_dir)

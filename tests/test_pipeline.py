@@ -10,12 +10,14 @@ import pytorch_lightning as pl
 import torch
 from conftest import QUICK, TINY, compose_cfg, epochs, layers, run_cli
 
-from saelab.app import execute
-from saelab.autoencoder import AutoEncoder, stack_encoders
-from saelab.config import compose
-from saelab.data import Minibatches, load_splits
-from saelab.modules import AutoencoderModule, ClassifierModule, EvalBatches
-from saelab.stages import expected, plan
+from saelab.api import execute
+from saelab.config.job import compose
+from saelab.data.batches import EvalBatches, Minibatches
+from saelab.data.splits import load_splits
+from saelab.experiment.fingerprints import fingerprinted
+from saelab.experiment.stages import plan
+from saelab.nn.modules import AutoencoderModule, ClassifierModule
+from saelab.nn.networks import AutoEncoder, StackedNet
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +32,17 @@ def test_stack_equals_sequential_encoders_and_probe_keeps_them(tiny):
     h = x
     for ae in tiny.autoencoders:
         h = ae.encode(h)
-    assert torch.allclose(stack_encoders(tiny.autoencoders)(x), h, atol=1e-6)
-    assert torch.allclose(tiny.networks["probe"][0](x), h, atol=1e-6)
-    probe_linears = [m for m in tiny.networks["probe"][0] if isinstance(m, torch.nn.Linear)]
-    tuned_linears = [m for m in tiny.networks["finetune"][0] if isinstance(m, torch.nn.Linear)]
+    assert torch.allclose(StackedNet.from_autoencoders(tiny.autoencoders, None).codes(x), h,
+                          atol=1e-6)
+    assert torch.allclose(tiny.networks["probe"].codes(x), h, atol=1e-6)
+    probe_linears, tuned_linears = (tiny.networks[n].encoders for n in ("probe", "finetune"))
     for ae, probed, tuned in zip(tiny.autoencoders, probe_linears, tuned_linears, strict=True):
         assert torch.equal(probed.weight, ae.encoder.weight)  # bit-identical after the probe
         assert torch.equal(probed.bias, ae.encoder.bias)
         assert not torch.equal(tuned.weight, ae.encoder.weight)  # fine-tuning moved them
     # the fine-tuned model starts from the probe's head, then trains it
-    assert not torch.equal(tiny.networks["finetune"][1].weight, tiny.networks["probe"][1].weight)
+    tuned, probe = tiny.networks["finetune"].head, tiny.networks["probe"].head
+    assert not torch.equal(tuned.weight, probe.weight)
 
 
 def test_scratch_starts_from_the_encoders_initial_weights_and_never_sees_pretrained_ones(tiny):
@@ -50,7 +53,7 @@ def test_scratch_starts_from_the_encoders_initial_weights_and_never_sees_pretrai
     ckpt = {p.stem: torch.load(p, weights_only=True) for p in (run.dir / "checkpoints").iterdir()}
     pl.seed_everything(0, verbose=False)
     torch.nn.Linear(784, 10)  # the baseline's head
-    linears = [m for m in run.networks["scratch"][0] if isinstance(m, torch.nn.Linear)]
+    linears = run.networks["scratch"].encoders
     for k, (lin, ae) in enumerate(zip(linears, run.autoencoders, strict=True), start=1):
         if k > 1:
             torch.set_rng_state(ckpt[f"pretrain_layer{k - 1}"]["rng"]["cpu"])
@@ -58,18 +61,18 @@ def test_scratch_starts_from_the_encoders_initial_weights_and_never_sees_pretrai
         torch.testing.assert_close(lin.weight, initial.weight, rtol=0, atol=1e-9)
         assert (lin.weight - ae.encoder.weight).abs().max() > 1e-3  # not the pretrained ones
     torch.set_rng_state(ckpt["pretrain_layer2"]["rng"]["cpu"])
-    stack_encoders(run.autoencoders)  # the probe's frozen stacks are built first, one per split
-    stack_encoders(run.autoencoders)
+    StackedNet.from_autoencoders(run.autoencoders, None)  # the probe's frozen stacks are built
+    StackedNet.from_autoencoders(run.autoencoders, None)  # first, one per split
     head = torch.nn.Linear(9, 10)  # the probe's head, before the probe trained it
-    torch.testing.assert_close(run.networks["scratch"][1].weight, head.weight, rtol=0, atol=1e-9)
-    assert not torch.equal(run.networks["probe"][1].weight, head.weight)
+    torch.testing.assert_close(run.networks["scratch"].head.weight, head.weight, rtol=0, atol=1e-9)
+    assert not torch.equal(run.networks["probe"].head.weight, head.weight)
 
 
 def test_tiny_in_process_run_metrics_and_fingerprints(tiny):
     m = tiny.metrics
     assert m["data"] | {"n_train": 600, "n_val": 200, "n_test": 300, "n_labelled_train": 600,
                         "n_labelled_val": 200} == m["data"]
-    want = expected(tiny.cfg, m["data"]["checksums"])
+    want = fingerprinted(tiny.cfg, m["data"]["checksums"])
     for name in ("baseline", "probe", "finetune", "scratch"):
         assert m[name]["fingerprint"] == want[name].fingerprint and m[name]["origin"] == "trained"
     assert [layer["fingerprint"] for layer in layers(m)] == [
@@ -118,7 +121,7 @@ def test_labels_per_class_subsets_what_the_labelled_stages_see():
 
 def test_pretraining_fingerprint_does_not_depend_on_labels_per_class():
     sums = {"f": "0"}
-    runs = [expected(compose([*QUICK, *extra]), sums)
+    runs = [fingerprinted(compose([*QUICK, *extra]), sums)
             for extra in ([], ["data.labels_per_class=10"], ["data.labels_per_class=50"])]
     assert len({r["pretrain_layer1"].fingerprint for r in runs}) == 1
     for stage in ("baseline", "probe", "finetune", "scratch"):
@@ -138,8 +141,7 @@ def test_few_labels_run_trains_labelled_stages_on_exactly_n_per_class(tmp_path):
 def test_dropout_applies_to_the_training_loss_only():
     torch.manual_seed(0)
     cfg = compose(["finetune.dropout.input=0.2", "finetune.dropout.hidden=0.5"]).finetune
-    net = torch.nn.Sequential(stack_encoders([AutoEncoder(784, 64), AutoEncoder(64, 16)]),
-                              torch.nn.Linear(16, 10))
+    net = StackedNet([784, 64, 16], 10)
     stage = ClassifierModule(net, cfg, "finetune", "finetune", dropout=cfg.dropout)
     x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
     assert not torch.equal(stage.logits(x), stage.logits(x))  # masks drawn at every call

@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import QUICK, REPO
 
-from saelab.progress import Estimator, ProgressDisplay, clock
+from saelab.experiment.progress import Estimator, ProgressDisplay, clock
 
 
 def test_time_left_is_overhead_plus_work_at_the_rate_measured():
@@ -64,7 +64,7 @@ class Terminal:
 
 
 def test_the_live_line_shows_stage_epoch_steps_times_and_numbers(monkeypatch):
-    from saelab.progress import Meter
+    from saelab.nn.meter import Meter
 
     monkeypatch.setenv("COLUMNS", "200")  # the line is cut to the terminal's width
     stream, meter = Terminal(), Meter()

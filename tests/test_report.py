@@ -15,10 +15,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import saelab
-from saelab import visualize as vis
-from saelab.config import compose
+from saelab.config.job import compose
 from saelab.errors import ConfigError
-from saelab.report import main, pictures
+from saelab.report import figures as vis
+from saelab.report.build import main, pictures
 
 pytestmark = pytest.mark.slow  # every test here reads the command line's tiny run
 

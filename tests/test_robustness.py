@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import folder_state
 
-from saelab.robustness import LEVELS, main, noisy
+from saelab.report.robustness import LEVELS, main, noisy
 
 
 @pytest.mark.slow

@@ -17,12 +17,14 @@ import torch
 from conftest import QUICK, REPO, copy_of, epochs, folder_state, layers, run_cli
 
 import saelab
-from saelab import progress
 from saelab.errors import ConfigError, Interrupted
-from saelab.report import main as report_main
-from saelab.robustness import main as robustness_main
-from saelab.runfolder import RunFolder, read_checkpoint
-from saelab.stages import expected, plan
+from saelab.experiment.fingerprints import fingerprinted
+from saelab.experiment.stages import plan
+from saelab.nn import meter
+from saelab.report.build import main as report_main
+from saelab.report.robustness import main as robustness_main
+from saelab.runs.checkpoints import read_checkpoint
+from saelab.runs.folder import RunFolder
 
 STAGES = ["baseline", "pretrain_layer1", "probe_layer1", "pretrain_layer2", "probe", "finetune",
           "probe_scratch", "scratch"]
@@ -50,7 +52,7 @@ def finished(tmp_path_factory) -> Path:
 def test_checkpoints_record_the_fingerprint_of_exactly_the_keys_each_stage_reads(finished):
     metrics = json.loads((finished / "metrics.json").read_text())
     cfg = saelab.load_run(finished).cfg
-    want = expected(cfg, metrics["data"]["checksums"])
+    want = fingerprinted(cfg, metrics["data"]["checksums"])
     assert [s.name for s in plan(cfg)] == STAGES
     for name in STAGES:
         saved = read_checkpoint(finished / "checkpoints" / f"{name}.pt")
@@ -58,11 +60,11 @@ def test_checkpoints_record_the_fingerprint_of_exactly_the_keys_each_stage_reads
         assert set(saved["rng"]) == {"cpu", "cuda"}
     layer2 = want["pretrain_layer2"]
     assert layer2.consumes == {"pretrain_layer1": want["pretrain_layer1"].fingerprint}
-    assert "pretrain.noise.level" in layer2.inputs and "finetune.lr" not in layer2.inputs
-    assert "data.labels_per_class" not in layer2.inputs  # pretraining sees no labels
-    assert "visualize.enabled" not in want["finetune"].inputs  # recorded, not fingerprinted
-    assert "trainer.accelerator" not in want["finetune"].inputs
-    assert "trainer.precision" in want["finetune"].inputs  # numerics change results
+    assert "pretrain.noise.level" in layer2.values and "finetune.lr" not in layer2.values
+    assert "data.labels_per_class" not in layer2.values  # pretraining sees no labels
+    assert "visualize.enabled" not in want["finetune"].values  # recorded, not fingerprinted
+    assert "trainer.accelerator" not in want["finetune"].values
+    assert "trainer.precision" in want["finetune"].values  # numerics change results
 
 
 # 1. Stale checkpoints reused silently ----------------------------------------------------------
@@ -126,7 +128,7 @@ def test_a_second_writer_stops_at_once_naming_the_holder(tmp_path):
 
 
 def test_the_lock_dies_with_its_holder(tmp_path):
-    code = ("import sys, time; from saelab.runfolder import RunFolder; "
+    code = ("import sys, time; from saelab.runs.folder import RunFolder; "
             f"RunFolder(__import__('pathlib').Path({str(tmp_path)!r})).lock(); "
             "print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -243,7 +245,7 @@ def test_resume_refuses_an_override_that_would_change_a_finished_stage(finished,
 def test_sigterm_stops_within_a_step_keeps_finished_stages_and_resume_completes(
         finished, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    step = progress.Meter.step
+    step = meter.Meter.step
     calls = []
 
     def step_then_signal(self):
@@ -252,7 +254,7 @@ def test_sigterm_stops_within_a_step_keeps_finished_stages_and_resume_completes(
             os.kill(os.getpid(), signal.SIGTERM)
         step(self)
 
-    monkeypatch.setattr(progress.Meter, "step", step_then_signal)
+    monkeypatch.setattr(meter.Meter, "step", step_then_signal)
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Interrupted) as stop:
         saelab.run(DENOISING, run_dir)
@@ -262,7 +264,7 @@ def test_sigterm_stops_within_a_step_keeps_finished_stages_and_resume_completes(
     assert metrics["interrupted"] == signal.SIGTERM and "baseline" in metrics
     assert "pretrain" not in metrics  # the partial stage is dropped
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"baseline.pt"}
-    monkeypatch.setattr(progress.Meter, "step", step)
+    monkeypatch.setattr(meter.Meter, "step", step)
     again = saelab.run([f"resume={run_dir}"])
     assert "interrupted" not in again
     assert accuracies(again) == accuracies(json.loads((finished / "metrics.json").read_text()))
@@ -272,7 +274,7 @@ def test_sigterm_between_steps_where_lightning_sees_it_first_is_a_stop_too(tmp_p
                                                                           monkeypatch):
     """During validation Lightning's own SIGTERM handler raises its SIGTERMException (a
     SystemExit with code 0) before any step of ours runs: it must end as our stop does."""
-    from saelab import modules
+    from saelab.nn import modules
 
     validation_end = modules.StageModule.on_validation_epoch_end
     calls = []

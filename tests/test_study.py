@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import saelab
-from saelab import pipeline
-from saelab.app import execute
-from saelab.config import compose
-from saelab.data import load_splits
-from saelab.runfolder import read_checkpoint
+from saelab.api import execute
+from saelab.config.job import compose
+from saelab.data.splits import load_splits
+from saelab.experiment import recipe
+from saelab.runs.checkpoints import read_checkpoint
 
 ARMS = ("finetune", "scratch", "semisup")
 # Two hidden layers, five labels per class, every arm on, two trials each from a small space.
@@ -39,7 +39,7 @@ def test_every_layer_is_probed_on_the_codes_the_stack_computes(micro):
     run = saelab.load_run(micro.dir)
     data = micro.data
     for k, name in ((1, "probe_layer1"), (2, "probe")):
-        head = run.networks[name][1]
+        head = run.networks[name].head
         codes = run.encode(data.test_x, layer=k, scaled=True)
         predicted = head(codes).argmax(1)
         assert torch.equal(predicted, run.predict(data.test_x, name, scaled=True))
@@ -69,7 +69,7 @@ def test_both_arms_start_their_head_by_the_same_rule(tmp_path, rule):
     """With a vanishing learning rate each network ends where it started."""
     run = execute(compose(["debug=quick", f"model.head={rule}", "finetune.lr=1e-12"]),
                   tmp_path / "run")
-    tuned, scratch = run.networks["finetune"][1], run.networks["scratch"][1]
+    tuned, scratch = run.networks["finetune"].head, run.networks["scratch"].head
     if rule == "zero":
         for head in (tuned, scratch):
             assert float(head.weight.detach().abs().max()) < 1e-6
@@ -77,7 +77,7 @@ def test_both_arms_start_their_head_by_the_same_rule(tmp_path, rule):
     elif rule == "random":  # the probe's initial head, for both
         torch.testing.assert_close(tuned.weight, scratch.weight, rtol=0, atol=1e-9)
     else:  # each from a head fitted on its own frozen stack
-        torch.testing.assert_close(tuned.weight, run.networks["probe"][1].weight, rtol=0,
+        torch.testing.assert_close(tuned.weight, run.networks["probe"].head.weight, rtol=0,
                                    atol=1e-9)
         assert "probe_scratch" in run.metrics and not torch.allclose(tuned.weight,
                                                                      scratch.weight)
@@ -104,7 +104,7 @@ def test_what_a_stage_must_not_see_changes_nothing_it_learns(micro, tmp_path, mo
                                                               change):
     """Relabelling every unlabelled training image, or permuting the test labels, leaves every
     weight (the semi-supervised stage's among them) and every selected trial bit-identical."""
-    monkeypatch.setattr(pipeline, "load_splits", relabelled(change))
+    monkeypatch.setattr(recipe, "load_splits", relabelled(change))
     other = execute(compose(MICRO), tmp_path / "run")
     before, after = weights(micro.dir), weights(other.dir)
     assert before.keys() == after.keys()
@@ -119,7 +119,7 @@ def test_what_a_stage_must_not_see_changes_nothing_it_learns(micro, tmp_path, mo
 
 
 def test_a_trial_draws_what_the_space_writes():
-    from saelab.tune import trial_settings
+    from saelab.config.space import trial_settings
 
     space = ["epochs=range(1,3)", "lr=tag(log, interval(1e-4, 1e-2))", "optimizer=choice(adam,sgd)"]
     drawn = trial_settings(space, {"epochs", "lr", "optimizer"}, seed=0, trials=60)

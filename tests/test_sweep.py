@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from saelab.sweep import write_summary
+from saelab.report.sweep import write_summary
 
 # (labels per class, seed) -> (finetune, scratch, probe, baseline) test accuracy
 RESULTS = {("10", 0): (0.70, 0.60, 0.50, 0.65), ("10", 1): (0.74, 0.61, 0.52, 0.66),

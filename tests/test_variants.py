@@ -10,11 +10,12 @@ import torch
 from conftest import TINY, compose_cfg, layers, run_cli
 from torch.nn import functional as F
 
-from saelab.autoencoder import AutoEncoder
-from saelab.config import compose
-from saelab.data import load_splits
+from saelab.config.job import compose
+from saelab.data.splits import load_splits
+from saelab.data.transforms import corrupt
 from saelab.errors import ConfigError
-from saelab.modules import AutoencoderModule, corrupt, kl_sparsity, make_optimizer
+from saelab.nn.modules import AutoencoderModule, kl_sparsity, make_optimizer
+from saelab.nn.networks import AutoEncoder
 
 PRESETS = ["sae3_mnist", "sda3_mnist", "fashion_default", "fashion_sda3"]
 

@@ -9,8 +9,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from torch.nn import functional as F
 
-from saelab import visualize as vis
-from saelab.autoencoder import AutoEncoder, stack_encoders
+from saelab.nn.networks import AutoEncoder, StackedNet
+from saelab.report import figures as vis
 
 
 def autoencoders(sizes: list[int], dtype=torch.float32, tied=(False,)) -> list[AutoEncoder]:
@@ -53,15 +53,17 @@ def test_decode_stack_applies_every_decoder_in_reverse_order():
                                           ((0.0, 1.0), 8.0)])
 def test_activation_maximisation_raises_every_unit_within_the_bounds(bounds, norm):
     aes = autoencoders([784, 49, 25, 9])
-    body = stack_encoders(aes)
+    body = StackedNet.from_autoencoders(aes, None)
     for k, n_units in ((2, 25), (3, 9)):
-        pre = body[: 2 * k - 1]
+        def pre(x, k=k):
+            return body.pre_activation(x, k)
+
         kwargs = dict(lr=0.05, norm=norm, bounds=bounds, seed=3)
         start = vis.activation_maximisation(pre, 784, n_units, steps=0, **kwargs)
         best = vis.activation_maximisation(pre, 784, n_units, steps=100, **kwargs)
         with torch.no_grad():
-            before = body[: 2 * k](start).diagonal()
-            after = body[: 2 * k](best).diagonal()
+            before = body.codes(start, k).diagonal()
+            after = body.codes(best, k).diagonal()
         assert (after > before).all()
         assert (after - before).min() > 0.05  # a real climb, not rounding
         assert (best.norm(dim=1) <= norm * (1 + 1e-5)).all()
@@ -74,10 +76,10 @@ def test_activation_maximisation_of_a_linear_unit_finds_its_weight_direction():
     """For unit j of the first layer the maximiser over the L2 ball is norm * w_j / |w_j|
     (a norm of 1 keeps every pixel inside [-1, 1], so the box is inactive)."""
     aes = autoencoders([784, 49])
-    body = stack_encoders(aes)
-    best = vis.activation_maximisation(body[:1], 784, 49, steps=100, lr=0.05, norm=1.0,
+    body = StackedNet.from_autoencoders(aes, None)
+    best = vis.activation_maximisation(body.encoders[0], 784, 49, steps=100, lr=0.05, norm=1.0,
                                        bounds=(-1.0, 1.0))
-    cosine = F.cosine_similarity(best, body[0].weight.detach(), dim=1)
+    cosine = F.cosine_similarity(best, body.encoders[0].weight.detach(), dim=1)
     assert cosine.min() > 0.9999
     torch.testing.assert_close(best.norm(dim=1), torch.ones(49))
 

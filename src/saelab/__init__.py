@@ -7,21 +7,21 @@ The Python API (imported lazily, so that the command line starts without torch):
     saelab.load_run(run_dir)          a finished run, read only: config, metrics, networks
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"  # the one place it is written (pyproject.toml reads it)
 __all__ = ["compose", "load_run", "run"]
 
 
 def __getattr__(name: str):
     if name == "compose":
-        from saelab.config import compose
+        from saelab.config.job import compose
 
         return compose
     if name == "run":
-        from saelab.app import run
+        from saelab.api import run
 
         return run
     if name == "load_run":
-        from saelab.loader import load_run
+        from saelab.experiment.run import load_run
 
         return load_run
     raise AttributeError(f"module 'saelab' has no attribute {name!r}")

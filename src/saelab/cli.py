@@ -29,23 +29,16 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from saelab import __version__, schema
-from saelab.config import (
-    CONFIG_MODULE,
-    PLUGINS,
-    check_folder,
-    check_paths,
-    compose_raw,
-    config_groups,
-    job_config,
-    validate,
-    without_hydra,
-)
+from saelab import __version__
+from saelab.config import schema
+from saelab.config.compose import CONFIG_MODULE, PLUGINS, compose_raw, config_groups, without_hydra
+from saelab.config.job import job_config
+from saelab.config.rules import check_folder, check_paths, validate
+from saelab.config.schema import Logger, Strategy, register
 from saelab.errors import ConfigError, Interrupted, NonFiniteLossError
-from saelab.runfolder import RunFolder
-from saelab.schema import Logger, Strategy, register
+from saelab.report.sweep import SweepSummary
+from saelab.runs.folder import RunFolder
 from saelab.signals import STOP, install, sweep_handled
-from saelab.sweep import SweepSummary
 
 log = logging.getLogger("saelab")
 STARTED = time.perf_counter()  # about when the command started: the table's start-up row
@@ -181,7 +174,7 @@ def prepare(jobs: list[DictConfig]) -> None:
     stores = {(j.logger.tracking_uri, j.logger.experiment): j for j in jobs
               if j.logger.kind == Logger.mlflow}
     if stores:
-        from saelab.loggers import prepare_mlflow
+        from saelab.experiment.loggers import prepare_mlflow
 
         for job in stores.values():
             try:
@@ -311,7 +304,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         cfg, overrides = CHECKED.pop(tuple(hc.overrides.task), None) or job_config(
             list(hc.overrides.task), cfg)
         log.info("saelab %s: starting in %s (loading PyTorch)", __version__, run_dir)
-        from saelab.app import execute  # heavy imports, once the config is known to be good
+        from saelab.api import execute  # heavy imports, once the config is known to be good
 
         metrics = execute(cfg, run_dir, overrides, start).metrics
     except ConfigError as exc:

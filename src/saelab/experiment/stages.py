@@ -1,0 +1,435 @@
+"""The stages of an experiment, in one place: for each, its name, label and config group, the config
+keys it reads, the stages it consumes, whether it sees labels, how its network is built and handed
+on, its work, and how a finished run's folder rebuilds it.
+
+`plan(cfg)` lists the stages of a config in the order they run; the recipe walks it, and the
+fingerprints, the run reader, the progress display, the terminal table, the report, the sweep
+summary, the robustness study and the benchmark read it. Adding a stage is one entry in `plan`
+plus its class here (and its Lightning module): docs/development.md, "Add a stage".
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from omegaconf import DictConfig
+
+from saelab.config.schema import Arm, Codes, HeadInit
+from saelab.data.batches import Minibatches
+from saelab.data.transforms import corrupt
+from saelab.experiment.keys import DATA, LABEL_KEYS, NUMERICS, View, group_keys
+from saelab.experiment.state import Experiment
+from saelab.nn.evaluation import CHUNK, classifier_metrics, in_chunks
+from saelab.nn.networks import AutoEncoder, StackedNet
+from saelab.seeds import substream
+
+if TYPE_CHECKING:  # the stages' builders import Lightning (nn.modules) when they run: reading the
+    # registry (the sweep summary, the benchmark's reference loops) imports neither Lightning nor
+    # the NVML check it switches on (nn.fastpath.NVML_CHECK)
+    from saelab.nn.modules import StageModule
+
+log = logging.getLogger("saelab")
+
+# The salts of the random streams of their own (saelab.seeds) that stages train on, so that
+# adding one (scratch, semi-supervised fine-tuning), or its dropout, changes no other number.
+SCRATCH_SALT = 104_729
+SEMISUP_SALT = 130_363
+VAL_NOISE_SALT = 611_953  # the fixed corruption of the validation inputs (+ the layer)
+
+
+class Stage:
+    """One trained stage. `name`: its checkpoint's stem and its metrics.json key; `group`: the
+    config group of its optimisation settings; `keys`: every config key it reads; `consumes`: the
+    stages whose results it starts from; `labelled`: whether it sees labels; `classifies`: whether
+    it is a classifier, with test and validation accuracy."""
+
+    name: str
+    label: str
+    group: str
+    keys: tuple[str, ...]
+    consumes: tuple[str, ...] = ()
+    labelled: bool = True
+    classifies: bool = True
+    trains_encoders: bool = False  # its network's encoders are trained by it
+    own_stream: bool = False  # runs on a random stream of its own (changes no other number)
+    tuned: bool = False  # trained once per tuning trial, the best on validation kept
+    about: str = ""  # what it is, in a few words (the report's table)
+
+    def training_data(self, experiment: Experiment, settings: View
+                      ) -> tuple[torch.Tensor | None, ...]:
+        """What it trains and selects on: x, y, val x, val y (y None without labels)."""
+        return experiment.labelled()
+
+    def trials(self, settings: View) -> list[View]:
+        """The settings it trains under: its own, or each of its tuning trials'."""
+        if not self.tuned:
+            return [settings]
+        return settings.tuning(self.group, list(settings.tune.space), settings.seed,
+                               settings.tune.trials)
+
+    def model(self, experiment: Experiment, settings: View) -> torch.nn.Module:
+        """Its network, freshly built (initial weights drawn from the random stream)."""
+        raise NotImplementedError
+
+    def module(self, experiment: Experiment, model: torch.nn.Module, settings: View
+               ) -> StageModule:
+        """The Lightning module that trains `model`."""
+        from saelab.nn.modules import ClassifierModule
+
+        return ClassifierModule(model, settings[self.group], self.label, self.group)
+
+    def before_fit(self, experiment: Experiment, settings: View) -> None:
+        """Called right before it is trained or loaded."""
+
+    def keep(self, experiment: Experiment, model: torch.nn.Module, settings: View) -> None:
+        """Hand the trained network on to the stages after it."""
+        experiment.networks[self.name] = model
+
+    def metrics(self, experiment: Experiment, module: StageModule, settings: View) -> dict:
+        """Its entry in metrics.json (the recipe adds its time, history and origin)."""
+        out = classifier_metrics(experiment.networks[self.name], experiment.data)
+        experiment.scores[self.name] = out.get("val_acc")
+        return out
+
+    def weights(self, experiment: Experiment, settings: View) -> int:
+        """Weights of the network it trains: its work per sample, for time estimates."""
+        raise NotImplementedError
+
+    def n_samples(self, experiment: Experiment) -> int:
+        """Training samples in one pass."""
+        data = experiment.data
+        return len(data.labelled("train")[1]) if self.labelled else len(data.train_y)
+
+    def rebuild(self, experiment: Experiment, settings: View, state: dict) -> None:
+        """A finished run read back: its trained network from its checkpoint, handed on."""
+        model = self.model(experiment, settings)
+        model.load_state_dict(state)
+        self.keep(experiment, model.to(experiment.device).eval(), settings)
+
+
+def deep_network(experiment: Experiment, autoencoders: list[AutoEncoder]) -> StackedNet:
+    """The stacked encoders of `autoencoders` topped by a fresh linear head."""
+    return StackedNet.from_autoencoders(autoencoders, experiment.n_classes)
+
+
+def deep_weights(experiment: Experiment) -> int:
+    """Weights of the deep classifier: every encoder and the head."""
+    sizes = list(experiment.cfg.model.sizes)
+    return sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True)) + sizes[-1] * \
+        experiment.n_classes
+
+
+class Baseline(Stage):
+    name = label = group = "baseline"
+    about = "softmax regression on pixels"
+    keys = DATA + LABEL_KEYS + group_keys("baseline") + NUMERICS
+
+    def model(self, experiment: Experiment, settings: View) -> StackedNet:
+        return StackedNet([28 * 28], experiment.n_classes)
+
+    def weights(self, experiment: Experiment, settings: View) -> int:
+        return 28 * 28 * experiment.n_classes
+
+
+class PretrainLayer(Stage):
+    """Greedy pretraining of hidden layer k, without labels, on the codes of the layer below."""
+
+    group = "pretrain"
+    labelled = classifies = False
+
+    def __init__(self, k: int):
+        self.k = k
+        self.name, self.label = f"pretrain_layer{k}", f"pretrain layer {k}"
+        # Its own sizes and noise level, and (from layer 2) the codes of the layer below, which
+        # are `pretrain.codes`: nothing of the layers above it.
+        own = (f"model.sizes.{k - 1}", f"model.sizes.{k}", "model.activation", "model.tied",
+               f"pretrain.noise.levels.{k - 1}")
+        keys = group_keys("pretrain", "pretrain.noise.levels",
+                          *(("pretrain.codes",) if k == 1 else ()))
+        self.keys = DATA + own + keys + NUMERICS
+        self.consumes = (f"pretrain_layer{k - 1}",) if k > 1 else ()
+
+    def training_data(self, experiment: Experiment, settings: View
+                      ) -> tuple[torch.Tensor | None, ...]:
+        data = experiment.data
+        if self.k == 1:
+            experiment.layer_inputs = (data.train_x, data.val_x, data.test_x)
+        else:  # the codes of the layer below, as this layer is to learn them
+            below = experiment.autoencoders[-1]
+            code = below.encode if settings.pretrain.codes == Codes.activation else below.encoder
+            experiment.layer_inputs = tuple(in_chunks(code, x) for x in experiment.layer_inputs)
+        train, val = experiment.layer_inputs[:2]
+        if settings.pretrain.noise.validation:  # one fixed corrupted copy: the denoising target
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(substream(settings.seed, VAL_NOISE_SALT + self.k))
+                noisy = corrupt(val, settings.pretrain.noise.kind, self.level(settings),
+                                self.background(experiment))
+            return train, None, noisy, val
+        return train, None, val, val
+
+    def level(self, settings: View) -> float:
+        """Its noise level: its own entry of `noise.levels`, else `noise.level`."""
+        own = settings.pretrain.noise.levels[self.k - 1]
+        return settings.pretrain.noise.level if own is None else own
+
+    def background(self, experiment: Experiment) -> float:
+        """What masking sets inputs to: black pixels for layer 1, zero codes above."""
+        return experiment.data.background if self.k == 1 else 0.0
+
+    def model(self, experiment: Experiment, settings: View) -> AutoEncoder:
+        sizes = settings.model.sizes
+        ae = AutoEncoder(sizes[self.k - 1], sizes[self.k], settings.model.activation,
+                         settings.model.tied)
+        experiment.initial.append(copy.deepcopy(ae.encoder.state_dict()))  # where scratch starts
+        return ae
+
+    def module(self, experiment: Experiment, model: AutoEncoder, settings: View) -> StageModule:
+        from saelab.nn.modules import AutoencoderModule
+
+        return AutoencoderModule(model, settings.pretrain, self.label, f"pretrain/layer{self.k}",
+                                 background=self.background(experiment),
+                                 noise_level=self.level(settings))
+
+    def keep(self, experiment: Experiment, model: AutoEncoder, settings: View) -> None:
+        experiment.autoencoders.append(model.eval())
+
+    def metrics(self, experiment: Experiment, module: StageModule, settings: View) -> dict:
+        """Sizes, noise level, and the reconstruction MSE per value on each split's inputs."""
+        d_in, d_out = module.model.sizes
+        out = {"in": d_in, "out": d_out, "noise_level": module.noise_level}
+        for split, x in zip(("train", "val", "test"), experiment.layer_inputs, strict=True):
+            if len(x):
+                errors, counts = zip(*(module.evaluate(part) for part in x.split(CHUNK)),
+                                     strict=True)
+                out[f"{split}_recon_mse"] = sum(map(float, errors)) / sum(map(float, counts))
+        return out
+
+    def weights(self, experiment: Experiment, settings: View) -> int:
+        sizes = settings.model.sizes
+        return 2 * sizes[self.k - 1] * sizes[self.k]  # encoder and decoder
+
+
+class Probe(Stage):
+    """A linear head on the frozen codes of pretrained layer k: what the features learned up to
+    that layer are worth to a linear classifier. The top layer's probe is fine-tuning's starting
+    head; each layer below it has one too (`probe_layer{k}`), on a random stream of its own, so
+    that probing every layer changes no other number. A probe that falls below the pixel
+    baseline on validation says so."""
+
+    group = "probe"
+
+    def __init__(self, k: int, n_layers: int):
+        self.k, self.top = k, k == n_layers
+        self.name = "probe" if self.top else f"probe_layer{k}"
+        self.label = "probe" if self.top else f"probe layer {k}"
+        self.about = f"linear head on the frozen pretrained stack's layer-{k} codes"
+        self.keys = DATA + LABEL_KEYS + group_keys("probe") + NUMERICS
+        self.consumes = tuple(f"pretrain_layer{j}" for j in range(1, k + 1))
+        self.own_stream = not self.top
+
+    def stack(self, experiment: Experiment) -> StackedNet:
+        """The frozen stack whose codes it reads (building one draws its initial weights)."""
+        return StackedNet.from_autoencoders(experiment.autoencoders[: self.k], None).to(
+            experiment.device)
+
+    def training_data(self, experiment: Experiment, settings: View
+                      ) -> tuple[torch.Tensor | None, ...]:
+        x, y, val_x, val_y = experiment.labelled()
+        if self.top:  # one stack per split, as saelab 0.1 built them: building a stack draws
+            # initial weights, which come before the head's, so published numbers reproduce
+            codes = [in_chunks(self.stack(experiment).codes, images) for images in (x, val_x)]
+        else:
+            stack = self.stack(experiment)
+            codes = [in_chunks(stack.codes, images) for images in (x, val_x)]
+        return codes[0], y, codes[1], val_y
+
+    def model(self, experiment: Experiment, settings: View) -> StackedNet:
+        head = StackedNet([experiment.autoencoders[self.k - 1].sizes[1]], experiment.n_classes)
+        if self.top:  # the head every deep network's starts from with model.head=random
+            experiment.head_init = copy.deepcopy(head.head.state_dict())
+        return head
+
+    def keep(self, experiment: Experiment, model: StackedNet, settings: View) -> None:
+        """The network it stands for: the frozen stack topped by the trained head."""
+        probe = deep_network(experiment, experiment.autoencoders[: self.k]).to(experiment.device)
+        probe.head.load_state_dict(model.head.state_dict())
+        experiment.networks[self.name] = probe
+
+    def metrics(self, experiment: Experiment, module: StageModule, settings: View) -> dict:
+        out = super().metrics(experiment, module, settings)
+        pixels = experiment.scores.get("baseline")
+        if pixels is not None and out.get("val_acc", 1.0) < pixels:
+            log.warning("%s: validation accuracy %.2f%% is below the pixel baseline's %.2f%%: "
+                        "these features lose what the pixels have", self.label,
+                        100 * out["val_acc"], 100 * pixels)
+        return out
+
+    def weights(self, experiment: Experiment, settings: View) -> int:
+        return experiment.cfg.model.sizes[self.k] * experiment.n_classes
+
+
+def initial_network(experiment: Experiment) -> StackedNet:
+    """The deep network at the very weights pretraining started from (the encoders) and the
+    probe's initial head: no pretrained weight in it."""
+    fresh = [AutoEncoder(*ae.sizes, experiment.cfg.model.activation)
+             for ae in experiment.autoencoders]
+    for ae, state in zip(fresh, experiment.initial, strict=True):
+        ae.encoder.load_state_dict(state)
+    net = deep_network(experiment, fresh)
+    net.head.load_state_dict(experiment.head_init)
+    return net
+
+
+class ScratchProbe(Probe):
+    """The probe of the random stack scratch starts from: scratch's head with model.head=probe,
+    so that scratch starts the way fine-tuning does (a head fitted on its frozen features)."""
+
+    name = "probe_scratch"
+    label = "probe (random stack)"
+    about = "linear head on the frozen stack at its initial, random weights"
+    own_stream = True
+    top = False
+
+    def __init__(self, n_layers: int):  # its own names: Probe's are a layer's
+        self.k = n_layers
+        self.keys = (DATA + LABEL_KEYS + group_keys("probe") + ("model.sizes", "model.activation")
+                     + NUMERICS)
+        self.consumes = tuple(f"pretrain_layer{j}" for j in range(1, n_layers + 1))
+
+    def stack(self, experiment: Experiment) -> StackedNet:
+        return initial_network(experiment).to(experiment.device)
+
+    def model(self, experiment: Experiment, settings: View) -> StackedNet:
+        head = StackedNet([experiment.autoencoders[-1].sizes[1]], experiment.n_classes)
+        head.head.load_state_dict(experiment.head_init)  # the probe's own start
+        return head
+
+    def keep(self, experiment: Experiment, model: StackedNet, settings: View) -> None:
+        net = initial_network(experiment).to(experiment.device)
+        net.head.load_state_dict(model.head.state_dict())
+        experiment.networks[self.name] = net
+
+    def rebuild(self, experiment: Experiment, settings: View, state: dict) -> None:
+        """Not kept by a run read back: its stack's initial weights are drawn, not saved (its
+        numbers are in metrics.json, and scratch's checkpoint holds what scratch made of it)."""
+
+
+def started(net: StackedNet, experiment: Experiment, rule: HeadInit) -> StackedNet:
+    """`net` (a copy) with its head as `model.head` says: kept (probe), zero, or the probe's
+    initial head (random)."""
+    net = copy.deepcopy(net)
+    if rule == HeadInit.zero:
+        torch.nn.init.zeros_(net.head.weight)
+        torch.nn.init.zeros_(net.head.bias)
+    elif rule == HeadInit.random:
+        net.head.load_state_dict(experiment.head_init)
+    return net
+
+
+class Finetune(Stage):
+    """The pretrained stack and its head (`model.head`), trained end to end."""
+
+    name = label = group = "finetune"
+    about = "whole stack and head, end to end"
+    consumes = ("probe",)
+    trains_encoders = True
+
+    def __init__(self, tuned: bool = False):
+        self.tuned = tuned
+        self.keys = (DATA + LABEL_KEYS + group_keys(self.group) + ("model.head",) + NUMERICS
+                     + (group_keys("tune") if tuned else ()))
+
+    def model(self, experiment: Experiment, settings: View) -> StackedNet:
+        return started(experiment.networks["probe"], experiment, settings.model.head)
+
+    def module(self, experiment: Experiment, model: StackedNet, settings: View) -> StageModule:
+        from saelab.nn.modules import ClassifierModule
+
+        own = settings[self.group]
+        return ClassifierModule(model, own, self.label, self.group,
+                                encoder_lr_scale=own.get("encoder_lr_scale"),
+                                dropout=own.dropout, shift=own.augment.shift,
+                                background=experiment.data.background)
+
+    def weights(self, experiment: Experiment, settings: View) -> int:
+        return deep_weights(experiment)
+
+    def rebuild(self, experiment: Experiment, settings: View, state: dict) -> None:
+        model = deep_network(experiment, experiment.autoencoders)
+        model.load_state_dict(state)
+        self.keep(experiment, model.to(experiment.device).eval(), settings)
+
+
+class Scratch(Finetune):
+    """The fine-tuned network's architecture from the very weights pretraining started from (the
+    encoders) and the same head rule, trained end to end like fine-tuning: the control."""
+
+    name = label = group = "scratch"
+    about = "the same network from random weights, end to end"
+
+    def __init__(self, n_layers: int, head: HeadInit, tuned: bool = False):
+        super().__init__(tuned)
+        self.keys = (*self.keys, "model.sizes", "model.activation")
+        # It starts from the encoders' and the probe head's initial weights, which the random
+        # stream of pretraining determines: it consumes the pretrained layers (and with
+        # model.head=probe, the probe of its own random stack).
+        self.consumes = (*(f"pretrain_layer{k}" for k in range(1, n_layers + 1)),
+                         *((ScratchProbe.name,) if head == HeadInit.probe else ()))
+
+    def model(self, experiment: Experiment, settings: View) -> StackedNet:
+        if settings.model.head == HeadInit.probe:
+            return copy.deepcopy(experiment.networks[ScratchProbe.name])
+        return started(initial_network(experiment), experiment, settings.model.head)
+
+    def before_fit(self, experiment: Experiment, settings: View) -> None:
+        torch.manual_seed(substream(settings.seed, SCRATCH_SALT))
+
+
+class Semisup(Finetune):
+    """Fine-tuning that also learns from every training image, unlabelled, through its own
+    confident predictions (nn.modules.SemisupModule); it sees no label outside the labelled
+    subset."""
+
+    name = label = group = "semisup"
+    about = "fine-tuned on the labels and on pseudo-labels of the unlabelled images"
+
+    def module(self, experiment: Experiment, model: StackedNet, settings: View) -> StageModule:
+        from saelab.nn.modules import SemisupModule
+
+        own = settings.semisup
+        steps = Minibatches.steps(self.n_samples(experiment), own.batch_size,
+                                  own.steps_per_epoch) * own.epochs
+        return SemisupModule(model, own, self.label, self.group, experiment.data.train_x, steps,
+                             encoder_lr_scale=own.encoder_lr_scale, dropout=own.dropout,
+                             shift=own.augment.shift, background=experiment.data.background)
+
+    def before_fit(self, experiment: Experiment, settings: View) -> None:
+        torch.manual_seed(substream(settings.seed, SEMISUP_SALT))
+
+    def weights(self, experiment: Experiment, settings: View) -> int:
+        # Each step also reads an unlabelled minibatch twice (the clean prediction, the student).
+        own = settings.semisup
+        return deep_weights(experiment) * (1 + 2 * own.unlabelled_batch_size // own.batch_size)
+
+
+def plan(cfg: DictConfig) -> list[Stage]:
+    """The stages of `cfg`, in the order they run: a linear classifier on the pixels; one
+    autoencoder per hidden layer, each probed by a linear classifier on its frozen codes; the
+    stack fine-tuned; the same network trained from random weights; and, if on, fine-tuning that
+    also learns from the unlabelled images."""
+    n = len(cfg.model.sizes) - 1
+    tuned = set(cfg.tune.arms) if cfg.tune.trials else set()
+    stages: list[Stage] = [Baseline()]
+    for k in range(1, n + 1):
+        stages += [PretrainLayer(k), Probe(k, n)]
+    stages.append(Finetune(Arm.finetune in tuned))
+    if cfg.scratch.epochs > 0:
+        if cfg.model.head == HeadInit.probe:
+            stages.append(ScratchProbe(n))
+        stages.append(Scratch(n, cfg.model.head, Arm.scratch in tuned))
+    if cfg.semisup.epochs > 0:
+        stages.append(Semisup(Arm.semisup in tuned))
+    return stages
