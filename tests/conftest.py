@@ -1,4 +1,5 @@
-"""Shared fixtures: the offline mirror beside the repo, a private cache, tiny-run overrides.
+"""Shared fixtures: the offline mirror beside the repo, a private cache, one tiny run (the helpers
+the tests share are in helpers.py).
 
 Whole runs and sweeps (in process or through the command line) and checks over every config key
 or option are marked `slow`; the edit loop is `pytest -m "not slow"`."""
@@ -6,66 +7,17 @@ or option are marked `slow`; the edit loop is `pytest -m "not slow"`."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import REPO, TINY, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 # Absolute, so that symlinks into it and subprocesses started elsewhere find it: the README's test
 # command gives it relative to the repository root (`SAELAB_MIRROR=../shared/data pytest`).
 os.environ["SAELAB_MIRROR"] = str(Path(os.environ.get("SAELAB_MIRROR",
                                                       REPO.parent / "shared" / "data")).resolve())
 os.environ.setdefault("SAELAB_CACHE", tempfile.mkdtemp(prefix="saelab-cache-"))
-
-# The debug presets users run too (conf/debug): a real but small run (a few thousand MNIST images,
-# one to three epochs per stage, on the CPU), and smaller still for runs that only check what a
-# run does (one hidden layer pair, one epoch per stage, no figures).
-TINY = ["debug=tiny"]
-QUICK = ["debug=quick"]
-
-
-def epochs(section: dict) -> int:
-    """The training epochs a stage's history records (its check before training aside)."""
-    return sum("train_loss" in h for h in section["history"])
-
-
-def layers(metrics: dict) -> list[dict]:
-    """The pretrained layers' sections of a run's metrics.json, bottom first."""
-    return [section for name, section in metrics.items() if name.startswith("pretrain_layer")]
-
-
-def compose_cfg(*overrides: str):
-    """The composed config, as the CLI builds it (not yet validated)."""
-    from saelab.config.compose import compose_raw
-
-    return compose_raw(list(overrides))
-
-
-def run_cli(run_dir: Path | None, *overrides: str, timeout: int = 300,
-            cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """`python -m saelab` with `overrides`, writing into `run_dir` (if given)."""
-    where = [f"hydra.run.dir={run_dir}"] if run_dir is not None else []
-    cmd = [sys.executable, "-m", "saelab", *overrides, *where]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
-
-
-def copy_of(run_dir: Path, tmp_path: Path) -> Path:
-    """A copy of a finished run to damage (links copied as links)."""
-    shutil.copytree(run_dir, tmp_path / "run", symlinks=True)
-    return tmp_path / "run"
-
-
-def folder_state(path: Path, attempt: bool = False) -> dict[str, tuple[bytes, int]]:
-    """Every file under `path`: its bytes and modification time (to show nothing changed).
-    `attempt`: leave out what a refused run may touch: the lock it took (naming itself) and the
-    log lines it wrote before refusing."""
-    skip = {".lock", "saelab.log"} if attempt else set()
-    return {str(p.relative_to(path)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(path.rglob("*")) if p.is_file() and p.name not in skip}
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import QUICK, REPO, folder_state, run_cli
+from helpers import QUICK, REPO, folder_state, run_cli
 
 import saelab
 from saelab.api import execute

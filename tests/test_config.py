@@ -10,7 +10,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 from omegaconf import OmegaConf
 
 from saelab.cli import main, sweep_jobs

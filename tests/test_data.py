@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 from saelab.config.catalogue import MD5
 from saelab.data.batches import Minibatches

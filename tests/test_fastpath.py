@@ -11,7 +11,7 @@ import re
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TINY, compose_cfg
+from helpers import TINY, compose_cfg
 from torch import nn
 from torch.nn import functional as F
 

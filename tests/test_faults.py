@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QUICK, REPO, copy_of, folder_state, run_cli
+from helpers import QUICK, REPO, copy_of, folder_state, run_cli
 from omegaconf import OmegaConf
 
 import saelab

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 
 SRC = REPO / "src"
 # Bottom to top; a module belongs to the first entry naming it or a package above it.

@@ -12,7 +12,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import QUICK, REPO
+from helpers import QUICK, REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import saelab

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import QUICK, REPO
+from helpers import QUICK, REPO
 
 from saelab.experiment.progress import Estimator, ProgressDisplay, clock
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import folder_state
+from helpers import folder_state
 
 from saelab.report.robustness import LEVELS, main, noisy
 

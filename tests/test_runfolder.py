@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, REPO, copy_of, epochs, folder_state, layers, run_cli
+from helpers import QUICK, REPO, copy_of, epochs, folder_state, layers, run_cli
 
 import saelab
 from saelab.errors import ConfigError, Interrupted
@@ -23,7 +23,7 @@ from saelab.experiment.stages import plan
 from saelab.nn import meter
 from saelab.report.build import main as report_main
 from saelab.report.robustness import main as robustness_main
-from saelab.runs.checkpoints import read_checkpoint
+from saelab.runs.checkpoints import FORMAT, read_checkpoint
 from saelab.runs.folder import RunFolder
 
 STAGES = ["baseline", "pretrain_layer1", "probe_layer1", "pretrain_layer2", "probe", "finetune",
@@ -56,7 +56,7 @@ def test_checkpoints_record_the_fingerprint_of_exactly_the_keys_each_stage_reads
     assert [s.name for s in plan(cfg)] == STAGES
     for name in STAGES:
         saved = read_checkpoint(finished / "checkpoints" / f"{name}.pt")
-        assert saved["fingerprint"] == want[name].fingerprint and saved["format"] == 3
+        assert saved["fingerprint"] == want[name].fingerprint and saved["format"] == FORMAT
         assert set(saved["rng"]) == {"cpu", "cuda"}
     layer2 = want["pretrain_layer2"]
     assert layer2.consumes == {"pretrain_layer1": want["pretrain_layer1"].fingerprint}
@@ -111,6 +111,26 @@ def test_checkpoints_written_before_fingerprints_are_never_reused(finished, tmp_
     before = folder_state(run_dir, attempt=True)
     with pytest.raises(ConfigError, match="checkpoint format 1, this one reads"):
         saelab.run(DENOISING, run_dir)
+    assert folder_state(run_dir, attempt=True) == before
+
+
+def test_checkpoints_of_saelab_0_3_are_refused_in_one_line_by_a_run_and_by_load_run(finished,
+                                                                                   tmp_path):
+    """0.3 saved its networks as Sequential(body, head) (format 3): neither a run nor load_run
+    reads them as 0.4's StackedNet, and each says why, naming the format and where to read."""
+    run_dir = copy_of(finished, tmp_path)
+    path = run_dir / "checkpoints" / "finetune.pt"
+    saved = torch.load(path, weights_only=True)
+    state = saved["state_dict"]
+    renamed = {("1." + k.removeprefix("head.")) if k.startswith("head.") else
+               f"0.{2 * int(k.split('.')[1])}.{k.split('.')[2]}": v for k, v in state.items()}
+    torch.save({**saved, "format": 3, "state_dict": renamed}, path)
+    before = folder_state(run_dir, attempt=True)
+    for attempt in (lambda: saelab.run([f"resume={run_dir}"]), lambda: saelab.load_run(run_dir)):
+        with pytest.raises(ConfigError, match=r"checkpoint format 3, this one reads 4: "
+                                              r"docs/runs.md") as err:
+            attempt()
+        assert "\n" not in str(err.value)
     assert folder_state(run_dir, attempt=True) == before
 
 
@@ -186,7 +206,7 @@ def test_resume_retrains_a_damaged_stage_and_every_stage_that_consumes_it(finish
     logged = capsys.readouterr().out
     if fault == "truncated":
         assert "pretrain_layer2.pt is unreadable" in logged
-    assert "probe: retrained because pretrain_layer2 is" in logged
+    assert "probe: retrained because pretrain_layer2 was" in logged
     # retrained from the restored random state: the same numbers as the first time (CPU)
     assert accuracies(again) == accuracies(first)
 

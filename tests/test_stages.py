@@ -176,7 +176,7 @@ def test_keys_a_stage_does_not_declare_leave_its_trained_weights_bit_identical(t
 def test_reading_the_registry_imports_no_lightning():
     """The benchmark's reference loops read the registry: Lightning, imported, would switch on
     its NVML check and make every Adam step of theirs ask NVML about CUDA."""
-    code = ("import os, sys, saelab.stages; print('pytorch_lightning' in sys.modules, "
+    code = ("import os, sys, saelab.experiment.stages; print('pytorch_lightning' in sys.modules, "
             "'PYTORCH_NVML_BASED_CUDA_CHECK' in os.environ)")
     env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,

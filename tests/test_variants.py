@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, compose_cfg, layers, run_cli
+from helpers import TINY, compose_cfg, layers, run_cli
 from torch.nn import functional as F
 
 from saelab.config.job import compose

@@ -73,6 +73,7 @@ def activation_maximisation(pre_activation: Callable[[torch.Tensor], torch.Tenso
     converges to the L2 optimum norm * w / |w|. All units are optimised at once: row j of the
     (n_units, d_in) input only feeds objective term j.
     """
+    device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     x = project(0.01 * torch.randn(n_units, d_in, generator=gen), norm, bounds).to(device)
     units = torch.arange(n_units, device=device)
