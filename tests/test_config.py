@@ -50,6 +50,7 @@ BAD_INPUT = [
     ("data.labelled_val_per_class=5", "data.labelled_val_per_class", "labels_per_class"),
     ("finetune.dropout.hidden=1", "finetune.dropout.hidden", "< 1"),
     ("progress=sometimes", "progress", "auto, bar, lines"),
+    ("model.sizes=[784,100000000]", "model.sizes", "needs at least 2.0 TiB"),
 ]
 
 
@@ -60,6 +61,50 @@ def test_bad_config_names_key_value_and_allowed(override, key, allowed):
     assert err.value.key == key
     assert allowed in str(err.value)
     assert str(err.value).count("\n") == 0
+
+
+def test_a_network_larger_than_the_memory_is_refused_naming_the_estimate_and_the_limit(
+        monkeypatch):
+    """Up front, against the machine's memory or, training on a GPU, the GPU's: the estimate is
+    a lower bound (weights, fine-tuning's gradients and Adam's moments, the images)."""
+    from saelab.config import costs
+
+    sizes = [784, 100_000, 10]
+    cfg = compose_raw([f"model.sizes=[{','.join(map(str, sizes))}]"])
+    autoencoders = (2 * 784 * 100_000 + 784 + 100_000) + (2 * 100_000 * 10 + 100_000 + 10)
+    deep = (784 * 100_000 + 100_000) + (100_000 * 10 + 10) + (10 * 10 + 10)
+    images = 55_000 + 5_000 + 10_000
+    # every autoencoder, the probe's network, fine-tuning's with its gradients and 2 moments
+    need = 4 * (autoencoders + deep + 4 * deep + images * 784)
+    assert costs.peak_bytes(cfg) == need  # 2.3 GiB
+    monkeypatch.setattr(costs, "host_bytes", lambda: need - 1)
+    with pytest.raises(ConfigError, match=r"least 2\.3 GiB .*; this machine has 2\.3 GiB"):
+        validate(cfg)
+    monkeypatch.setattr(costs, "host_bytes", lambda: need)
+    validate(cfg)
+    monkeypatch.setattr("saelab.config.rules.cuda_devices", lambda: 1)
+    monkeypatch.setattr(costs, "gpu_bytes", lambda: 2**30)
+    with pytest.raises(ConfigError, match="the GPU has 1.0 GiB"):
+        validate(compose_raw([f"model.sizes=[{','.join(map(str, sizes))}]", "trainer=gpu"]))
+    validate(cfg, files=False)  # a finished run read back allocates no training state
+
+
+def test_costs_known_up_front_are_warned_of_in_one_line_each(tmp_path):
+    from saelab.config.costs import cautions
+
+    assert cautions(compose(["debug=quick"])) == []
+    lines = cautions(compose(["debug=quick", "finetune.batch_size=1000",
+                              "pretrain.epochs=1000000000"]))
+    assert lines == [
+        "finetune.batch_size=1000 is larger than the 600 training images it draws from: each "
+        "epoch is one step over all of them",
+        "scratch.batch_size=1000 is larger than the 600 training images it draws from: each "
+        "epoch is one step over all of them",
+        "pretrain.epochs=1000000000: the run takes 1e+10 optimiser steps, over a day even at "
+        "10 µs a step; it will not finish"]
+    proc = run_cli(None, "debug=quick", "finetune.batch_size=1000", "--cfg", "job")
+    assert proc.returncode == 0
+    assert proc.stderr.count("saelab: warning: finetune.batch_size=1000") == 1
 
 
 def test_samples_are_checked_against_the_test_set_before_anything_runs():

@@ -55,6 +55,8 @@ def finished(tmp_path_factory) -> Path:
     ([f"hydra.run.dir={UNWRITABLE}/run"], "hydra.run.dir", "cannot be created"),
     ([f"store={UNWRITABLE}"], "store", "cannot be created"),
     ([f"data.root={UNWRITABLE}"], "data.root", "cannot be created"),
+    (["model.sizes=[784,100000000]"], "model.sizes", "needs at least 2.0 TiB"),
+    (["-m", "model.sizes=[784,100000000],[784,9]"], "model.sizes", "this machine has"),
 ])
 def test_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path, monkeypatch, capsys, args,
                                                           key, says):
@@ -291,6 +293,43 @@ def test_sigterm_to_a_joblib_sweep_reaches_every_job_and_leaves_no_process(tmp_p
     while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in workers):
         time.sleep(0.5)
     assert not [p for p in workers if Path(f"/proc/{p}").exists()]
+
+
+def wait_for(path: Path, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not path.exists():
+        time.sleep(0.2)
+    assert path.exists(), path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_a_sweep_with_a_stopped_job_exits_1_and_says_how_to_continue_it(tmp_path, launcher):
+    """A job stopped by a signal while the sweep goes on (a worker's or a cluster job's SIGTERM):
+    the sweep ends with exit 1 naming the job and the command that continues it, which does."""
+    pytest.importorskip({"joblib": "hydra_plugins.hydra_joblib_launcher",
+                         "submitit_local": "hydra_plugins.hydra_submitit_launcher"}[launcher])
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "saelab", "-m", f"hydra/launcher={launcher}",
+                             *QUICK, "progress=lines", "pretrain.epochs=1,3000",
+                             f"hydra.sweep.dir={sweep}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(sweep / "1" / "checkpoints" / "baseline.pt")  # job 1 is pretraining
+    holder = (sweep / "1" / ".lock").read_text()  # "pid N on HOST since ..."
+    os.kill(int(holder.split()[1]), signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err[-3000:]
+    job = (sweep / "1").resolve()
+    assert (f"saelab: job 1 stopped by signal 15: finished stages kept; continue it with: "
+            f"saelab resume={job}") in err.splitlines(), err[-3000:]
+    assert "jobs failed" not in err  # job 0 finished
+    stopped = json.loads((job / "metrics.json").read_text())
+    assert stopped["interrupted"] == signal.SIGTERM and "finetune" not in stopped
+    again = subprocess.run([sys.executable, "-m", "saelab", f"resume={job}", "progress=lines"],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads((job / "metrics.json").read_text())
+    assert resumed["baseline"]["origin"] == "checkpoint" and "finetune" in resumed
 
 
 def test_saelab_report_on_a_folder_in_use_names_its_holder(finished, tmp_path, capsys):

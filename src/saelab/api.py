@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 
 from saelab.config.compose import compose_raw, without_hydra
+from saelab.config.costs import warn
 from saelab.config.job import job_config
 from saelab.config.rules import check_paths
 from saelab.errors import ConfigError, Interrupted
@@ -120,6 +121,7 @@ def run(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dic
     composed, hydra = without_hydra(compose_raw(overrides, hydra=True))
     job, recorded = job_config(overrides, composed)
     check_paths(job)
+    warn([job])
     folder = Path(job.resume or run_dir or hydra.run.dir).expanduser()
     with run_logging(folder):
         return execute(job, folder, recorded, start).metrics

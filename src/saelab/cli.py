@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from saelab import __version__
 from saelab.config import schema
 from saelab.config.compose import CONFIG_MODULE, PLUGINS, compose_raw, config_groups, without_hydra
+from saelab.config.costs import warn
 from saelab.config.job import job_config
 from saelab.config.rules import check_folder, check_paths, validate
 from saelab.config.schema import Logger, Strategy, register
@@ -171,6 +172,7 @@ def prepare(jobs: list[DictConfig]) -> None:
     own, an MLflow store and experiment."""
     for job in jobs:
         check_paths(job)
+    warn(jobs)
     stores = {(j.logger.tracking_uri, j.logger.experiment): j for j in jobs
               if j.logger.kind == Logger.mlflow}
     if stores:
@@ -270,10 +272,16 @@ def main(argv: list[str] | None = None) -> None:
         hydra_main()
     if STOP.signum is not None:  # a sweep stopped by a signal: its summary is written
         sys.exit(128 + STOP.signum)
+    # A sweep's exit status is its jobs': 1 if any was stopped (a SLURM job cancelled, say) or
+    # failed, each named, the stopped ones with the command that continues them.
+    for job, signum, folder in SweepSummary.stopped:
+        print(f"saelab: job {job} stopped by signal {signum}: finished stages kept; continue "
+              f"it with: saelab resume={folder}", file=sys.stderr)
     failed = SweepSummary.failed
-    if failed:  # a sweep's exit status is its jobs'
+    if failed:
         print(f"saelab: {len(failed)} of {SweepSummary.jobs} jobs failed: {', '.join(failed)} "
               "(their errors: summary.md)", file=sys.stderr)
+    if failed or SweepSummary.stopped:
         sys.exit(1)
 
 

@@ -61,13 +61,19 @@ def stratified_counts(counts: list[int], n: int) -> list[int]:
     return take
 
 
+def val_size_of(name: str, classes: list[int], val_size: int) -> int:
+    """Validation images of a class subset: `data.val_size` counts them among all ten classes'
+    60,000 training images, and a subset keeps the same fraction (0 vs 9: 5,000 -> 989)."""
+    return round(val_size * sum(TRAIN_COUNTS[Dataset(name)][c] for c in classes) / N_TRAIN)
+
+
 def train_counts(name: str, classes: list[int], val_size: int, train_limit: int | None
                  ) -> list[int]:
     """Images per class of a run's training split (after its validation split and
     `data.train_limit`), from the data set's published counts: the bound that
     `data.labels_per_class` is checked against before any data is read."""
     counts = [TRAIN_COUNTS[Dataset(name)][c] for c in classes]
-    n_val = round(val_size * sum(counts) / N_TRAIN)
+    n_val = val_size_of(name, classes, val_size)
     train = [c - v for c, v in zip(counts, stratified_counts(counts, n_val), strict=True)]
     return stratified_counts(train, min(train_limit, sum(train))) if train_limit else train
 

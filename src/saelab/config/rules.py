@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from saelab.config import catalogue
+from saelab.config import catalogue, costs
 from saelab.config.compose import SCHEMA_KEYS, omegaconf_error
 from saelab.config.schema import (
     PRECISIONS,
@@ -30,6 +30,7 @@ from saelab.config.schema import (
     bounds_text,
     leaves,
 )
+from saelab.config.space import extremes, parse
 from saelab.errors import ConfigError
 
 
@@ -120,6 +121,13 @@ def _rules(cfg: DictConfig, files: bool) -> None:
         raise ConfigError("model.sizes", sizes, "needs at least 2 sizes (input, one hidden)")
     if sizes[0] != 784:
         raise ConfigError("model.sizes", sizes, "must start at the input size 784 (28x28)")
+    if files:  # a run to start, not one read back
+        need, (have, where) = costs.peak_bytes(cfg), costs.memory_limit(cfg)
+        if need > have:
+            raise ConfigError("model.sizes", sizes, f"needs at least {costs.size(need)} (the "
+                              "autoencoders, the deep network with its gradients and Adam's "
+                              f"moments, and the images, in float32); {where} "
+                              f"{costs.size(have)}")
 
     if pre.loss == ReconLoss.bce and (model.activation != Activation.sigmoid
                                       or data.pixels != Pixels.zero_one):
@@ -178,8 +186,6 @@ def _rules(cfg: DictConfig, files: bool) -> None:
 def check_space(cfg: DictConfig) -> None:
     """Every key of `tune.space` is a key of a tuned stage's group, and every value it can draw
     is one that key allows there."""
-    from saelab.config.space import extremes, parse
-
     arms = [arm.value for arm in cfg.tune.arms]
     for key, sweep in parse(list(cfg.tune.space)).items():
         owners = [arm for arm in arms if f"{arm}.{key}" in SCHEMA_KEYS]

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
 
 from saelab.config.schema import Logger as Kind
+from saelab.experiment.stages import plan
 
 TENSORBOARD = "tensorboard"  # the folder of each, inside the run folder
 CSV = "csv"
@@ -78,8 +79,6 @@ def final_metrics(cfg: DictConfig, metrics: dict) -> dict[str, float]:
     """The numbers the jobs of a sweep are compared on: the accuracies of every classifier stage
     and the reconstruction MSE of every layer, under tags of their own (not the per-epoch
     curves), and the time spent training."""
-    from saelab.experiment.stages import plan
-
     out, train_s = {}, 0.0
     for stage in plan(cfg):
         section = metrics.get(stage.name, {})

@@ -185,13 +185,13 @@ class FastPath(pl.Callback):
         return cls(fastpath.cuda_graphs, fastpath.compile, fastpath.matmul_precision)
 
     @staticmethod
-    def graphs_unfit(trainer: pl.Trainer, stage: pl.LightningModule) -> str | None:
+    def graphs_unfit(trainer: pl.Trainer, module: pl.LightningModule) -> str | None:
         """Why CUDA graphs cannot run this stage, or None when they can."""
         if trainer.world_size > 1:
             return "a single device"
         if trainer.precision != "32-true":
             return "trainer.precision=32-true"
-        if stage.cfg.optimizer not in GRAPH_OPTIMIZERS:
+        if module.cfg.optimizer not in GRAPH_OPTIMIZERS:
             return f"optimizer in {', '.join(GRAPH_OPTIMIZERS)}"
         return None
 

@@ -26,7 +26,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from saelab.config.schema import Codes
 from saelab.errors import ConfigError
 from saelab.experiment.loggers import REPORT_SUFFIX, log_figure, make_logger
-from saelab.experiment.run import PRETRAINED, Run
+from saelab.experiment.run import PRETRAINED, Run, load_run
 from saelab.experiment.stages import plan
 from saelab.nn.evaluation import in_chunks
 from saelab.nn.modules import AutoencoderModule, ClassifierModule
@@ -351,8 +351,6 @@ def build_report(run: Run, folder: RunFolder) -> Path:
 def main(argv: list[str] | None = None) -> None:
     """`saelab-report RUN_DIR`: rebuild the figures and report.md of a finished run (read with
     saelab.load_run: nothing is trained, and an unfinished or damaged run is refused as is)."""
-    from saelab.experiment.run import load_run
-
     parser = argparse.ArgumentParser(prog="saelab-report", description=main.__doc__)
     parser.add_argument("run_dir", help="a finished run folder (holding .hydra/config.yaml)")
     args = parser.parse_args(argv)

@@ -61,6 +61,7 @@ class JobRow:
     error: str | None
     labelled_per_class: float | None = None  # labelled training images per class it used
     stages: tuple[str, ...] = ()  # its classifier stages, in the order they ran
+    interrupted: int | None = None  # the signal that stopped it, its finished stages kept
 
     @property
     def sort_key(self) -> tuple:
@@ -95,7 +96,8 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobRow:
     data = saved.get("data", {})
     per_class = data["n_labelled_train"] / len(data["classes"]) if "n_labelled_train" in data \
         else None
-    return JobRow(name, overrides, metrics, error, per_class, tuple(stages))
+    return JobRow(name, overrides, metrics, error, per_class, tuple(stages),
+                  saved.get("interrupted"))
 
 
 def collect(sweep_dir: Path) -> list[JobRow]:
@@ -335,14 +337,20 @@ def write_summary(sweep_dir: Path) -> tuple[list[Path], list[JobRow]]:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: write the sweep summary when a multirun ends, and keep which jobs failed
-    (whatever process ran them), for the sweep's exit status."""
+    """Hydra callback: write the sweep summary when a multirun ends, and keep which jobs were
+    stopped by a signal (their folders, to continue them) and which failed otherwise, whatever
+    process or machine ran them, for the sweep's exit status."""
 
     jobs: int = 0
     failed: list[str] = []
+    stopped: list[tuple[str, int, Path]] = []  # job, signal, folder
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        paths, rows = write_summary(Path(config.hydra.sweep.dir))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        paths, rows = write_summary(sweep_dir)
         SweepSummary.jobs = len(rows)
-        SweepSummary.failed = [row.job for row in rows if row.error is not None]
+        SweepSummary.stopped = [(row.job, row.interrupted, (sweep_dir / row.job).resolve())
+                                for row in rows if row.interrupted is not None]
+        SweepSummary.failed = [row.job for row in rows
+                               if row.error is not None and row.interrupted is None]
         print(f"saelab: sweep summary in {', '.join(str(p) for p in paths)}")
