@@ -1,6 +1,6 @@
 """Is saelab as fast as hand-written PyTorch? Side by side, in one run, on the same data:
 
-  saelab      the default multiclass pipeline as users run it (`run_experiment`, Lightning included,
+  saelab      the default multiclass experiment as users run it (`execute`, Lightning included,
               the live progress line on)
   plain       the same experiment as a plain PyTorch loop (benchmarks/plain_loop.py)
   per_sample  torchvision MNIST + ToTensor + Normalize + DataLoader (benchmarks/per_sample.py;

@@ -58,12 +58,13 @@ pid_alive() {                                     # true if the pid file names a
 }
 
 installed() {                                     # true when every binary we need is on PATH
-  command -v munged >/dev/null && command -v slurmctld >/dev/null \
-    && command -v slurmd >/dev/null && command -v sinfo >/dev/null \
-    && command -v sbatch >/dev/null               # (client tools come with slurm-client)
+  local b                                         # loop variable
+  for b in munged munge slurmctld slurmd sinfo sbatch scontrol; do  # daemons + the client tools tests call
+    command -v "$b" >/dev/null || return 1        # any one missing: not (fully) installed
+  done
 }
 
-cmd_install() {
+cmd_install() {  # `install`: bring in the Debian packages
   need_root                                       # apt-get needs root
   if installed; then                              # skip the slow apt round-trip on a warm machine
     log "slurm-wlm and munge already installed ($(slurmd -V))"  # slurmd -V needs no slurm.conf
@@ -77,11 +78,12 @@ cmd_install() {
   fi
   export DEBIAN_FRONTEND=noninteractive           # never prompt (CI has no stdin)
   local rc=0                                      # collect apt's status without tripping set -e
-  { apt-get update -qq >/dev/null \
-    && apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null; } || rc=$?  # quiet: only errors shown
-  [ "$made_policy" -eq 1 ] && rm -f /usr/sbin/policy-rc.d  # restore the machine's policy as it was
-  [ "$rc" -eq 0 ] || die "apt-get could not install slurm-wlm and munge (exit $rc)"
-  installed || die "slurm-wlm/munge installed but munged/slurmctld/slurmd/sinfo not found on PATH"
+  apt-get update -qq >/dev/null \
+    || log "warning: apt-get update failed; trying the existing package lists"  # a fresh CI machine has stale/no lists
+  apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null || rc=$?  # quiet: only errors shown
+  if [ "$made_policy" -eq 1 ]; then rm -f /usr/sbin/policy-rc.d; fi  # restore the machine's policy as it was
+  [ "$rc" -eq 0 ] || die "apt-get could not install slurm-wlm and munge (exit $rc)"  # one clear line on failure
+  installed || die "slurm-wlm/munge installed but munged/slurmctld/slurmd/sinfo not found on PATH"  # sanity check: packages present but binaries missing
   log "installed $(slurmd -V)"                    # report the version for the CI log (needs no slurm.conf)
 }
 
@@ -89,12 +91,12 @@ munge_ok() {                                      # true if munged answers with 
   munge -n 2>/dev/null | unmunge >/dev/null 2>&1  # round-trip through the socket proves key + daemon work
 }
 
-start_munge() {
+start_munge() {  # make munged run with a valid key (slurm auth depends on it)
   install -d -o munge -g munge -m 0700 /etc/munge      # key dir must not be world-readable or munged refuses
   if [ ! -s "$MUNGE_KEY" ]; then                       # create a key once; reuse it afterwards
     if command -v mungekey >/dev/null; then            # munge >= 0.5.14 ships a key generator
       mungekey --create --keyfile="$MUNGE_KEY" --force # 1024-byte random key
-    else
+    else  # no mungekey binary
       dd if=/dev/urandom of="$MUNGE_KEY" bs=1 count=1024 status=none  # fallback for older munge
     fi
   fi
@@ -104,7 +106,7 @@ start_munge() {
   install -d -o munge -g munge -m 0700 /var/lib/munge  # munged's seed file lives here
   install -d -o munge -g munge -m 0700 /var/log/munge  # munged's log file lives here
   if munge_ok; then                                    # already running (idempotent start)
-    return 0
+    return 0                                           # nothing more to do
   fi
   if pid_alive "$MUNGE_PID"; then                      # running but broken (e.g. key changed): restart it
     kill "$(cat "$MUNGE_PID")" 2>/dev/null || true     # ask it to exit
@@ -117,12 +119,12 @@ start_munge() {
     munge_ok && return 0                               # ready
     sleep 0.5                                          # poll gently
   done
-  die "munged did not start (see /var/log/munge/munged.log)"
+  die "munged did not start (see /var/log/munge/munged.log)"  # bounded wait expired: fail with a pointer to the log
 }
 
 select_type() {                                        # cons_tres exists since 19.05; fall back if not shipped
   local d                                              # candidate plugin dir
-  for d in /usr/lib/x86_64-linux-gnu/slurm-wlm /usr/lib/*/slurm-wlm /usr/lib/slurm-wlm /usr/lib/slurm /usr/lib64/slurm; do
+  for d in /usr/lib/x86_64-linux-gnu/slurm-wlm /usr/lib/*/slurm-wlm /usr/lib/slurm-wlm /usr/lib/slurm /usr/lib64/slurm; do  # Debian multiarch path first, then other layouts
     [ -e "$d/select_cons_tres.so" ] && { echo select/cons_tres; return; }  # preferred (GRES-aware)
   done
   echo select/cons_res                                 # older installs only have cons_res
@@ -133,41 +135,43 @@ write_conf() {                                         # print the slurm.conf fo
   cpus="$(nproc)"                                      # CPUs this machine (or container) really gives us
   mem_total="$(free -m | awk '/^Mem:/{print $2}')"     # total memory in MB
   mem=$(( mem_total * 95 / 100 ))                      # a bit below total, else slurmd drains the node ("Low RealMemory")
-  cat <<EOF
+  local mem_per_cpu=$(( mem / cpus ))                  # default share: without it a job takes ALL memory and jobs serialize
+  cat <<EOF  # unquoted EOF: expand machine values below
 # Generated by scripts/slurm_cluster.sh - single-node test cluster; do not edit by hand.
-ClusterName=saelab
-SlurmctldHost=${NODE}(127.0.0.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-SlurmctldPort=6817
-SlurmdPort=6818
-StateSaveLocation=${STATE_DIR}
-SlurmdSpoolDir=${SPOOL_DIR}
-SlurmctldPidFile=${CTLD_PID}
-SlurmdPidFile=${SLURMD_PID}
-SlurmctldLogFile=${LOG_DIR}/slurmctld.log
-SlurmdLogFile=${LOG_DIR}/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
-MailProg=/bin/true
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SchedulerType=sched/backfill
-SelectType=$(select_type)
-SelectTypeParameters=CR_Core_Memory
-ReturnToService=2
-SlurmdParameters=config_overrides
-JobRequeue=1
-PreemptType=preempt/partition_prio
-PreemptMode=REQUEUE
-MinJobAge=300
-KillWait=30
-NodeName=${NODE} NodeAddr=127.0.0.1 NodeHostname=${NODE} CPUs=${cpus} RealMemory=${mem} State=UNKNOWN
-PartitionName=debug Nodes=${NODE} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+ClusterName=saelab  # name shown by tools; no accounting DB needs it
+SlurmctldHost=${NODE}(127.0.0.1)  # controller on this host, reached via loopback (no DNS needed)
+SlurmUser=root  # controller runs as root: no slurm-owned dirs to fix up
+SlurmdUser=root  # slurmd must be root to launch jobs
+AuthType=auth/munge  # munge signs every RPC
+SlurmctldPort=6817  # default port, stated explicitly
+SlurmdPort=6818  # default port, stated explicitly
+StateSaveLocation=${STATE_DIR}  # controller state (job queue)
+SlurmdSpoolDir=${SPOOL_DIR}  # node spool (batch scripts)
+SlurmctldPidFile=${CTLD_PID}  # lets stop kill exactly this daemon
+SlurmdPidFile=${SLURMD_PID}  # same for slurmd
+SlurmctldLogFile=${LOG_DIR}/slurmctld.log  # logs for debugging CI failures
+SlurmdLogFile=${LOG_DIR}/slurmd.log  # same for slurmd
+SlurmctldDebug=info  # enough detail without noise
+SlurmdDebug=info  # same for slurmd
+MailProg=/bin/true  # no mail on this machine; silence --mail-type
+MpiDefault=none  # jobs here are plain processes
+ProctrackType=proctrack/linuxproc  # tracks job processes via /proc, no cgroups needed
+TaskPlugin=task/none  # no CPU binding / cgroup confinement
+JobAcctGatherType=jobacct_gather/none  # no accounting
+AccountingStorageType=accounting_storage/none  # no slurmdbd (so no sacct)
+SchedulerType=sched/backfill  # standard scheduler
+SelectType=$(select_type)  # allocate individual cores and memory
+SelectTypeParameters=CR_Core_Memory  # cores + memory are consumable: jobs can share the node
+DefMemPerCPU=${mem_per_cpu}  # fair default share so 1-CPU jobs run side by side
+ReturnToService=2  # a DOWN node returns as soon as slurmd registers
+SlurmdParameters=config_overrides  # trust our CPUs/RealMemory over detected topology (no drain on mismatch)
+JobRequeue=1  # batch jobs may be requeued (scontrol requeue, node failure)
+PreemptType=preempt/partition_prio  # needed for PreemptMode=REQUEUE (preempt/none rejects it)
+PreemptMode=REQUEUE  # preempted jobs are requeued, not cancelled
+MinJobAge=300  # finished jobs stay visible in scontrol/squeue for 5 min
+KillWait=30  # seconds between SIGTERM and SIGKILL at time limit/cancel
+NodeName=${NODE} NodeAddr=127.0.0.1 NodeHostname=${NODE} CPUs=${cpus} RealMemory=${mem} State=UNKNOWN  # this machine, real CPU count and memory
+PartitionName=debug Nodes=${NODE} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO  # the single default partition
 EOF
 }
 
@@ -175,7 +179,7 @@ node_state() {                                         # our node's state as sin
   sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null | head -n1 | tr -d '*~#!%$@^-' || true  # '*' = not responding etc.
 }
 
-cmd_start() {
+cmd_start() {  # `start`: bring up munged, slurmctld, slurmd; wait for an idle node
   need_root                                            # daemons, /etc and /run need root
   installed || die "slurm/munge not installed; run: $0 install"  # clear hint instead of 'command not found'
   start_munge                                          # slurm authenticates every RPC through munge
@@ -189,7 +193,7 @@ cmd_start() {
     changed=1                                          # running daemons must pick it up
   fi
   rm -f "$tmp"                                         # tidy the temp file
-  if [ "$changed" -eq 1 ] && { pid_alive "$CTLD_PID" || pid_alive "$SLURMD_PID"; }; then
+  if [ "$changed" -eq 1 ] && { pid_alive "$CTLD_PID" || pid_alive "$SLURMD_PID"; }; then  # restart only daemons that are actually running
     log "slurm.conf changed; restarting slurm daemons"  # a node/CPU change needs a real restart, not reconfigure
     stop_slurm                                         # munged may stay up
   fi
@@ -204,16 +208,16 @@ cmd_start() {
   local i st=""                                        # loop counter; node state
   for i in $(seq 1 $(( WAIT_S * 2 ))); do              # bounded wait: WAIT_S seconds at 0.5 s steps
     st="$(node_state)"                                 # ask the controller
-    case "$st" in
+    case "$st" in  # react to what the controller reports
       idle|mixed|allocated|completing) break ;;        # usable
       down|drained|draining|drain|fail|failing)        # came up unusable (old state, reboot reason ...)
         scontrol update nodename="$NODE" state=resume 2>/dev/null || true ;;  # make it usable; retry next round
     esac
     sleep 0.5                                          # poll gently
   done
-  case "$st" in
+  case "$st" in  # final verdict after the bounded wait
     idle|mixed|allocated|completing) log "cluster up: node $NODE is $st ($(slurmd -V))" ;;  # success
-    *) die "node $NODE not usable after ${WAIT_S}s (state '${st:-no answer}'); see $LOG_DIR/*.log" ;;
+    *) die "node $NODE not usable after ${WAIT_S}s (state '${st:-no answer}'); see $LOG_DIR/*.log" ;;  # timed out: fail with a pointer to the logs
   esac
 }
 
@@ -246,37 +250,38 @@ stop_slurm() {                                         # slurm daemons and job s
   kill_pidfile "$CTLD_PID"                             # then the controller (saves state on TERM)
   kill_name slurmd                                     # strays without pid file (e.g. started by hand)
   kill_name slurmctld                                  # same for the controller
+  kill_name slurmscriptd                               # slurmctld's script helper, should it outlive its parent
   kill_name slurmstepd                                 # per-job step daemons of jobs still running
 }
 
-cmd_stop() {
+cmd_stop() {  # `stop`: leave no daemon behind
   need_root                                            # killing root daemons needs root
   stop_slurm                                           # slurm first: it needs munge while shutting down
   kill_pidfile "$MUNGE_PID"                            # then munged
   kill_name munged                                     # and any munged without pid file
   rm -f /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock  # so the next start doesn't see a dead socket
   local left="" n                                      # names of anything still alive; loop variable
-  for n in slurmd slurmctld slurmstepd munged; do      # one exact name at a time (pgrep -x caps patterns at 15 chars)
+  for n in slurmd slurmctld slurmscriptd slurmstepd munged; do      # one exact name at a time (pgrep -x caps patterns at 15 chars)
     pgrep -x "$n" >/dev/null && left="$left $n"        # remember survivors
   done
   [ -z "$left" ] || die "processes still running after stop:$left"  # never claim success falsely
   log "cluster stopped"                                # confirm for the CI log
 }
 
-cmd_status() {
+cmd_status() {  # `status`: exit 0 iff the cluster answers and the node can run jobs
   command -v sinfo >/dev/null || { log "sinfo not installed"; return 1; }  # no SLURM at all
   local st                                             # node state
   st="$(node_state)"                                   # empty when the controller doesn't answer
-  case "$st" in
+  case "$st" in  # only these states can accept jobs
     idle|mixed|allocated|completing) echo "$NODE $st"; return 0 ;;  # usable cluster
-    *) log "cluster not usable (node $NODE state '${st:-no answer}')"; return 1 ;;
+    *) log "cluster not usable (node $NODE state '${st:-no answer}')"; return 1 ;;  # down/drained/no controller
   esac
 }
 
 case "${1:-}" in                                       # dispatch on the sub-command
-  install) cmd_install ;;
-  start) cmd_start ;;
-  stop) cmd_stop ;;
-  status) cmd_status ;;
+  install) cmd_install ;;  # packages
+  start) cmd_start ;;  # bring the cluster up
+  stop) cmd_stop ;;  # tear it down
+  status) cmd_status ;;  # health check for tests
   *) echo "usage: $0 {install|start|stop|status}" >&2; exit 2 ;;  # usage error
 esac

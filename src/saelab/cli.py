@@ -12,6 +12,7 @@ run the jobs, in `hydra_main`. Nothing here imports torch before a job starts, s
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import pkgutil
@@ -295,8 +296,13 @@ def in_multirun() -> bool:
 
 
 # Hydra 1.4 warns (1.5 refuses) when it instantiates a target from the config (here the sweep's
-# summary callback) without a whitelist from the code: saelab trusts its own classes.
-@hydra.main(config_path="pkg://saelab.conf", config_name="config", execution_whitelist=["saelab.*"])
+# summary callback) without a whitelist from the code: saelab trusts its own classes. Hydra 1.3,
+# the final release the core installs, has no whitelist.
+TRUSTED = ({"execution_whitelist": ["saelab.*"]}
+           if "execution_whitelist" in inspect.signature(hydra.main).parameters else {})
+
+
+@hydra.main(config_path="pkg://saelab.conf", config_name="config", **TRUSTED)
 def hydra_main(cfg: DictConfig) -> float | None:
     """Run one job and return the fine-tuned validation accuracy (a sweep's objective; None
     without a validation split or when the job failed)."""

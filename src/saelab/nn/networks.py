@@ -8,7 +8,7 @@ nothing outside this module indexes into a network.
 
 from __future__ import annotations
 
-from itertools import pairwise
+from itertools import islice, pairwise
 
 import torch
 from torch import nn
@@ -100,8 +100,10 @@ class StackedNet(nn.Module):
 
     def codes(self, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """The codes of hidden layer `layer` (default: the top one; 0: the input itself)."""
-        for k in range(1, (self.depth if layer is None else layer) + 1):
-            x = self.layer(x, k)
+        # Iterating the encoders (not indexing them) keeps a training step's overhead that of a
+        # Sequential's forward.
+        for encoder in islice(self.encoders, layer):
+            x = self.activation(encoder(x))
         return x
 
     def pre_activation(self, x: torch.Tensor, layer: int) -> torch.Tensor:
@@ -114,8 +116,8 @@ class StackedNet(nn.Module):
         (`p_input`) and of every hidden layer's codes (`p_hidden`) when training asks for it."""
         if p_input or p_hidden:
             x = F.dropout(x, p_input)
-            for k in range(1, self.depth + 1):
-                x = F.dropout(self.layer(x, k), p_hidden)
+            for encoder in self.encoders:
+                x = F.dropout(self.activation(encoder(x)), p_hidden)
         else:
             x = self.codes(x)
         return x if self.head is None else self.head(x)
