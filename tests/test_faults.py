@@ -311,7 +311,7 @@ def test_a_sweep_with_a_stopped_job_exits_1_and_says_how_to_continue_it(tmp_path
                          "submitit_local": "hydra_plugins.hydra_submitit_launcher"}[launcher])
     sweep = tmp_path / "sweep"
     proc = subprocess.Popen([sys.executable, "-m", "saelab", "-m", f"hydra/launcher={launcher}",
-                             *QUICK, "progress=lines", "pretrain.epochs=1,3000",
+                             *QUICK, "progress=lines", "pretrain.epochs=1,300",
                              f"hydra.sweep.dir={sweep}"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(sweep / "1" / "checkpoints" / "baseline.pt")  # job 1 is pretraining
