@@ -29,7 +29,7 @@ def test_code_is_ruff_clean():
     ruff = shutil.which("ruff")
     if ruff is None:
         pytest.skip("ruff is not installed (pip install -e '.[dev]')")
-    proc = subprocess.run([ruff, "check", "src", "tests", "benchmarks"], cwd=REPO,
+    proc = subprocess.run([ruff, "check", "src", "tests", "benchmarks", "examples"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 

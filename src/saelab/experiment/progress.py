@@ -101,13 +101,39 @@ class Estimator:
         return None if here is None else here + sum(later)
 
 
+def in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel, whose cell output can be updated in place."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
+class NotebookLine:
+    """The live line as a Jupyter cell's display, updated in place (the terminal's carriage
+    return does not move back in a notebook)."""
+
+    def __init__(self):
+        from IPython.display import Pretty, display
+
+        self.pretty = Pretty
+        self.handle = display(Pretty(""), display_id=True)
+
+    def write(self, text: str) -> None:
+        self.handle.update(self.pretty(text))
+
+
 class ProgressDisplay:
-    """One run's display. `bar`: a live line per stage on `stream`; `lines`: per-epoch log lines.
-    In bar mode, log records (on the same terminal) clear the line before they print."""
+    """One run's display. `bar`: a live line per stage on `stream` (in a Jupyter notebook, a cell
+    display updated in place); `lines`: per-epoch log lines. `auto` is the live line on a
+    terminal or in a notebook. With the live line, the per-epoch lines go to the log file only,
+    and on a terminal other log records clear the line before they print."""
 
     def __init__(self, mode: str, estimate: Estimator, stream: TextIO | None = None):
         self.stream = stream or sys.stdout
-        self.bar = mode == ProgressMode.bar or (mode == ProgressMode.auto and self.stream.isatty())
+        notebook = stream is None and in_notebook()
+        self.bar = mode == ProgressMode.bar or (mode == ProgressMode.auto and (
+            self.stream.isatty() or notebook))
+        self.notebook = NotebookLine() if self.bar and notebook else None
         self.estimate = estimate
         self.offset = 0  # steps of the stage's earlier trials
         self.stage = self.label = ""
@@ -120,18 +146,19 @@ class ProgressDisplay:
             for handler in self._terminal_handlers():
                 handler.addFilter(self._filter)
 
-    @staticmethod
-    def _terminal_handlers() -> list[logging.Handler]:
-        """The log handlers that print to a terminal (the file handler keeps every line)."""
-        return [h for h in logging.getLogger().handlers
+    def _terminal_handlers(self) -> list[logging.Handler]:
+        """The log handlers that print where the live line is (the file handler keeps every
+        line): a terminal's, or in a notebook every stream's (the cell's output)."""
+        return [h for logger in (logging.getLogger(), log) for h in logger.handlers
                 if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-                and getattr(h.stream, "isatty", lambda: False)()]
+                and (self.notebook or getattr(h.stream, "isatty", lambda: False)())]
 
     def close(self) -> None:
         self.clear()
         if self.bar:
-            for handler in logging.getLogger().handlers:
-                handler.removeFilter(self._filter)
+            for logger in (logging.getLogger(), log):
+                for handler in logger.handlers:
+                    handler.removeFilter(self._filter)
 
     def begin(self, stage: str, label: str, epochs: int, steps_per_epoch: int,
               meter: Meter, part: tuple[int, int] = (0, 1)) -> None:
@@ -180,6 +207,9 @@ class ProgressDisplay:
                 f"(run ~{clock(self.estimate.run_left(self.stage))}) {numbers}").rstrip()
 
     def draw(self, steps: int, now: float) -> None:
+        if self.notebook is not None:
+            self.notebook.write(self.line(steps, now))
+            return
         width = shutil.get_terminal_size((100, 20)).columns - 1
         self.stream.write("\r\033[K" + self.line(steps, now)[:width])
         self.stream.flush()

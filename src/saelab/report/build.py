@@ -310,6 +310,18 @@ def markdown_report(run, figures: list[Picture]) -> str:
     return "\n".join(lines)
 
 
+def figures(run: Run, *names: str) -> dict[str, Figure]:
+    """`saelab.figures(run)`: the run's figures as matplotlib figures, by name (the report's file
+    names without `.png`: `layer1_reconstruction`, `features_layer1`, `codes_2d`, ...), drawn by
+    the very code that draws the report; with `names`, only those are kept (every figure is
+    still drawn once: a few seconds on the default run). In Jupyter a figure displays inline."""
+    drawn = {p.file.removesuffix(".png"): p.figure for p in pictures(run, run.cfg.visualize)}
+    unknown = [n for n in names if n not in drawn]
+    if unknown:
+        raise ConfigError("figure", unknown[0], f"allowed: {', '.join(drawn)}")
+    return {n: f for n, f in drawn.items() if not names or n in names}
+
+
 def build_report(run: Run, folder: RunFolder) -> Path:
     """Write figures/*.png, the same images and the code embedding in the run's logger, and
     report.md for `run` into `folder` (whose lock the caller holds); return report.md's path."""
