@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,16 @@ REPO = Path(__file__).resolve().parents[1]
 # run does (one hidden layer pair, one epoch per stage, no figures).
 TINY = ["debug=tiny"]
 QUICK = ["debug=quick"]
+
+
+def installed(module: str) -> bool:
+    """Whether `module` (a Hydra plugin, say) is installed. find_spec raises, rather than answer
+    None, when a parent package is missing: `hydra_plugins` is there only once some Hydra plugin
+    is installed, which the core alone installs none of."""
+    try:
+        return find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def epochs(section: dict) -> int:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_cli
+from helpers import REPO, installed, run_cli
 from omegaconf import OmegaConf
 
 from saelab.cli import main, sweep_jobs
@@ -137,6 +136,11 @@ def test_every_preset_and_group_option_composes_and_validates(monkeypatch):
     monkeypatch.setattr("saelab.config.rules.cuda_devices", lambda: 1)  # trainer=gpu: a GPU machine
     for group in ("experiment", "trainer", "logger", "data"):
         for option in sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml")):
+            if (group, option) == ("logger", "mlflow") and not installed("mlflow"):
+                # composed, then refused before anything runs, naming the extra to install
+                with pytest.raises(ConfigError, match=re.escape("pip install -e '.[mlflow]'")):
+                    compose([f"{group}={option}"])
+                continue
             cfg = compose([f"{group}={option}"])
             assert isinstance(cfg.pretrain.optimizer, schema.Optimizer)
 
@@ -220,7 +224,7 @@ def test_the_command_line_changes_the_search_space_as_the_sweeper_reads_it():
     (["resume=/nonexistent/run"], "resume"),
     (["seed=0,1"], "seed"),
     pytest.param(["hparams_search=optuna", "pretrain.epochs=range(5,5)"], "pretrain.epochs",
-                 marks=pytest.mark.skipif(find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
+                 marks=pytest.mark.skipif(not installed("hydra_plugins.hydra_optuna_sweeper"),
                                           reason="needs the [sweep] extra")),
 ])
 def test_the_front_door_refuses_in_one_line_exit_2_and_leaves_no_folder(tmp_path, monkeypatch,
@@ -250,18 +254,25 @@ def test_resume_into_another_folder_is_refused(tmp_path):
     assert proc.stderr.startswith("saelab: error: hydra.run.dir=") and "stays" in proc.stderr
 
 
-def test_a_missing_plugin_names_the_extra_to_install(tmp_path, monkeypatch):
+@pytest.mark.parametrize("message, override, extra", [
+    # Hydra's words for an option of a group and for a config a preset's defaults name
+    ("In 'hparams_search/optuna': Could not find 'hydra/sweeper/optuna'",
+     "hparams_search=optuna", "sweep"),
+    ("In 'hydra/launcher/slurm': Could not load 'hydra/launcher/submitit_slurm'.",
+     "hydra/launcher=slurm", "slurm"),
+])
+def test_a_missing_plugin_names_the_extra_to_install(tmp_path, monkeypatch, message, override,
+                                                     extra):
     from saelab.config import compose as composition
     from saelab.config import job
 
     def missing(overrides, hydra=False):
-        raise composition.missing_option("In 'hparams_search/optuna': Could not find "
-                                         "'hydra/sweeper/optuna'", overrides)
+        raise composition.missing_option(message, overrides)
 
     monkeypatch.setattr(job, "compose_raw", missing)
-    with pytest.raises(ConfigError, match=re.escape("pip install -e '.[sweep]'")) as err:
-        job.compose(["hparams_search=optuna"])
-    assert err.value.key == "hparams_search"
+    with pytest.raises(ConfigError, match=re.escape(f"pip install -e '.[{extra}]'")) as err:
+        job.compose([override])
+    assert err.value.key == override.split("=")[0]
 
 
 @pytest.mark.parametrize("args, shown", [(["--cfg", "job", "seed=5"], "seed: 5"),
@@ -297,12 +308,10 @@ def test_help_lists_the_installed_launchers_and_sweepers(capsys):
     launchers = re.search(r"^  hydra/launcher=(\S+)$", out, re.M).group(1).split("|")
     sweepers = re.search(r"^  hydra/sweeper=(\S+)$", out, re.M).group(1).split("|")
     assert "basic" in launchers and "basic" in sweepers
-    submitit = find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+    submitit = installed("hydra_plugins.hydra_submitit_launcher")
     assert ("slurm" in launchers) == ("submitit_slurm" in launchers) == submitit
-    assert ("joblib" in launchers) == (find_spec("hydra_plugins.hydra_joblib_launcher")
-                                       is not None)
-    assert ("optuna" in sweepers) == (find_spec("hydra_plugins.hydra_optuna_sweeper")
-                                      is not None)
+    assert ("joblib" in launchers) == installed("hydra_plugins.hydra_joblib_launcher")
+    assert ("optuna" in sweepers) == installed("hydra_plugins.hydra_optuna_sweeper")
 
 
 def test_help_names_the_extra_of_each_plugin_that_is_not_installed(capsys, monkeypatch):

@@ -48,16 +48,28 @@ def sweep(directory: Path, *overrides: str, launcher: list[str] = SLURM, wait: b
                             text=True)
 
 
-def numbers(job_dir: Path) -> dict:
-    """Every stage's accuracies (or reconstruction error) and its origin."""
+def layers(overrides: list[str]) -> tuple[str, ...]:
+    """The stages of a run of debug=quick with `overrides` (its depth from `model.sizes`)."""
+    sizes = next((o for o in overrides if o.startswith("model.sizes=")), None)
+    if sizes is None:
+        return STAGES
+    n = sizes.count(",")
+    return ("baseline", *(f"{s}{k}" for k in range(1, n) for s in ("pretrain_layer",
+                                                                    "probe_layer")),
+            f"pretrain_layer{n}", "probe", "finetune", "probe_scratch", "scratch")
+
+
+def numbers(job_dir: Path, stages: tuple[str, ...] = STAGES) -> dict:
+    """Every stage's accuracies (or reconstruction error)."""
     metrics = json.loads((job_dir / "metrics.json").read_text())
     keys = ("test_acc", "val_acc", "val_recon_mse")
-    return {s: {k: metrics[s][k] for k in keys if k in metrics[s]} for s in STAGES}
+    return {s: {k: metrics[s][k] for k in keys if k in metrics[s]} for s in stages}
 
 
-def origins(job_dir: Path) -> dict[str, str]:
+def origins(job_dir: Path, stages: tuple[str, ...] = STAGES) -> dict[str, str]:
+    """Where each stage came from: trained, or its checkpoint."""
     metrics = json.loads((job_dir / "metrics.json").read_text())
-    return {s: metrics[s]["origin"] for s in STAGES}
+    return {s: metrics[s]["origin"] for s in stages}
 
 
 def job_ids() -> list[str]:
@@ -119,17 +131,24 @@ def test_a_preempted_job_continues_from_its_finished_stages_with_the_same_number
 def test_a_job_out_of_time_is_requeued_until_its_stages_are_done(tmp_path):
     """The time limit's notice (USR2, `signal_delay_s` before it) requeues the job, up to
     `max_num_timeout` times; each allocation continues from the stages the last one finished."""
-    slow = ["pretrain.epochs=400"]  # more than one allocation of pretraining
-    timed = [*SLURM, "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=75"]
+    # About three minutes of work in stages of 15-25 s (nine thin layers, long pretraining):
+    # more than one 3-minute allocation, whose notice comes 90-120 s in (SLURM checks every 30
+    # s), and every allocation finishes stages.
+    slow = ["model.sizes=[784,16,16,16,16,16,16,16,16,9]", "pretrain.epochs=6000"]
+    timed = [*SLURM, "hydra.launcher.timeout_min=3", "hydra.launcher.signal_delay_s=90"]
     running = sweep(tmp_path / "slurm", "seed=0", *slow, launcher=timed, wait=False)
     deadline = time.monotonic() + 1200
     while running.poll() is None and time.monotonic() < deadline:
         start_requeued_now(seconds=5)
     out, err = running.communicate(timeout=60)
     assert running.returncode == 0, err[-3000:]
+    logs = "".join(p.read_text() for p in (tmp_path / "slurm" / ".submitit").rglob("*.err"))
+    assert "this job is timed-out" in logs and "Requeued job" in logs
     reference = sweep(tmp_path / "basic", "seed=0", *slow, launcher=["progress=lines"])
-    assert numbers(tmp_path / "slurm" / "0") == numbers(tmp_path / "basic" / "0")
-    assert "checkpoint" in origins(tmp_path / "slurm" / "0").values(), reference.stdout[-500:]
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert numbers(tmp_path / "slurm" / "0", layers(slow)) == numbers(tmp_path / "basic" / "0",
+                                                                      layers(slow))
+    assert "checkpoint" in origins(tmp_path / "slurm" / "0", layers(slow)).values()
 
 
 def test_a_sweep_with_a_failed_job_exits_1_naming_it(tmp_path):

@@ -32,7 +32,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from saelab import __version__
 from saelab.config import schema
-from saelab.config.compose import CONFIG_MODULE, PLUGINS, compose_raw, config_groups, without_hydra
+from saelab.config.compose import (
+    CONFIG_MODULE,
+    PLUGINS,
+    VERSION_BASE,
+    compose_raw,
+    config_groups,
+    without_hydra,
+)
 from saelab.config.costs import warn
 from saelab.config.job import job_config
 from saelab.config.rules import check_folder, check_paths, validate
@@ -46,7 +53,9 @@ log = logging.getLogger("saelab")
 STARTED = time.perf_counter()  # about when the command started: the table's start-up row
 
 # Third-party chatter a run would print, silenced narrowly (by message and category/logger).
-QUIET_WARNINGS = [(r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)]
+QUIET_WARNINGS = [(r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+                  # Lightning, on any machine with SLURM's commands, outside a SLURM job
+                  (r"The `srun` command is available on your system but is not used", UserWarning)]
 QUIET_LOGGERS = ("pytorch_lightning.trainer.connectors.signal_connector",
                  "alembic.runtime.plugins",  # alembic >= 1.18's "setup plugin" lines
                  "mlflow.store.db.utils")  # "Creating initial MLflow database tables..."
@@ -221,8 +230,11 @@ def plugins_text() -> str:
             importlib.import_module(f"hydra_plugins.{plugin.name}.config")
     found = {}
     for kind in ("launcher", "sweeper"):
-        names = {"basic"} | {n.removesuffix(".yaml") for n in
-                             ConfigStore.instance().list(f"hydra/{kind}") if n.endswith(".yaml")}
+        try:
+            stored = ConfigStore.instance().list(f"hydra/{kind}")
+        except OSError:  # no such group in the store: no plugin of this kind is installed
+            stored = []
+        names = {"basic"} | {n.removesuffix(".yaml") for n in stored if n.endswith(".yaml")}
         presets = files(CONFIG_MODULE) / "hydra" / kind
         for preset in presets.iterdir() if presets.is_dir() else ():
             needs = OmegaConf.load(preset).get("defaults", [])
@@ -302,7 +314,7 @@ TRUSTED = ({"execution_whitelist": ["saelab.*"]}
            if "execution_whitelist" in inspect.signature(hydra.main).parameters else {})
 
 
-@hydra.main(config_path="pkg://saelab.conf", config_name="config", **TRUSTED)
+@hydra.main(config_path="pkg://saelab.conf", config_name="config", **TRUSTED, **VERSION_BASE)
 def hydra_main(cfg: DictConfig) -> float | None:
     """Run one job and return the fine-tuned validation accuracy (a sweep's objective; None
     without a validation split or when the job failed)."""

@@ -7,11 +7,13 @@ line: `ConfigError(key, value, allowed)`, printed as `saelab: error: key=value: 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.resources import files
 from typing import Any
 
+from hydra import __version__ as hydra_version
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -20,6 +22,12 @@ from saelab.errors import ConfigError
 
 CONFIG_MODULE = "saelab.conf"
 SCHEMA_KEYS = frozenset(k.path for k in leaves())
+
+# Hydra 1.3, the final release the core installs, warns unless told version_base="1.3" and would
+# otherwise behave as 1.1 did (a job changing into its folder, say); Hydra 1.4 has only its own
+# behaviour and warns when given one (the [sweep] extra's release candidate).
+VERSION_BASE = ({"version_base": "1.3"}
+                if tuple(map(int, hydra_version.split(".")[:2])) < (1, 4) else {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,7 +54,7 @@ def hydra_compose() -> Iterator:
     if GlobalHydra.instance().is_initialized():  # inside a Hydra app: compose beside it
         yield compose
         return
-    with initialize_config_module(CONFIG_MODULE):
+    with initialize_config_module(CONFIG_MODULE, **VERSION_BASE):
         yield compose
 
 
@@ -144,8 +152,10 @@ PLUGINS = {"hydra/sweeper/optuna": "sweep", "hydra/launcher/joblib": "sweep",
 def missing_option(text: str, overrides: list[str]) -> ConfigError:
     """An unknown preset (listing the known ones) or a plugin that is not installed (naming the
     extra that installs it)."""
-    missing = text.split("Could not find '", 1)[1].split("'", 1)[0] if "Could not find '" in \
-        text else ""
+    # "Could not find" an option of a group, "Could not load" a config that a preset's defaults
+    # name (conf/hydra/launcher/slurm.yaml's submitit_slurm)
+    found = re.search(r"Could not (?:find|load) '([^']*)'", text)
+    missing = found.group(1) if found else ""
     for plugin, extra in PLUGINS.items():
         if missing.startswith(plugin):
             given = next((o for o in overrides if o.split("=")[0].lstrip("+~") in

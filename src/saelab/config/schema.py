@@ -15,6 +15,7 @@ heavy import.
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 import textwrap
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_dataclass
@@ -105,7 +106,7 @@ class Accelerator(StrEnum):
 
 
 class Strategy(StrEnum):
-    # ddp runs the whole pipeline in every process (each stage's Trainer joins the same process
+    # ddp runs the whole recipe in every process (each stage's Trainer joins the same process
     # group); ddp_spawn would train in throw-away processes and lose each stage's best weights.
     auto = "auto"
     ddp = "ddp"
@@ -419,7 +420,11 @@ def register() -> None:
     as a choice by `--help` or shell completion."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config, replace=True)
+    store = ConfigStore.instance().store
+    # Hydra 1.4 warns on storing a name again unless told to replace it; 1.3 replaces silently
+    # and has no such parameter.
+    replace = {"replace": True} if "replace" in inspect.signature(store).parameters else {}
+    store(name=SCHEMA_NAME, node=Config, **replace)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,8 +39,8 @@ SCALE_CHUNK = 10_000
 def scale_pixels(images: torch.Tensor, pixels: str) -> torch.Tensor:
     """Raw images (N x 28 x 28 or N x 784, values 0..255) as model inputs, N x 784 float32.
     In chunks: at once, the float copy and the scaling's temporaries would hold three copies of
-    the training set (0.6 GB), a run's peak memory. The pipeline and `Run.encode` share it, so
-    codes computed later are bit-identical to the pipeline's."""
+    the training set (0.6 GB), a run's peak memory. The recipe and `Run.encode` share it, so
+    codes computed later are bit-identical to the recipe's."""
     scale = PIXEL_SCALES[Pixels(pixels)]
     flat = images.reshape(len(images), 28 * 28)
     out = torch.empty(flat.shape, device=flat.device)
