@@ -131,10 +131,11 @@ def test_a_preempted_job_continues_from_its_finished_stages_with_the_same_number
 def test_a_job_out_of_time_is_requeued_until_its_stages_are_done(tmp_path):
     """The time limit's notice (USR2, `signal_delay_s` before it) requeues the job, up to
     `max_num_timeout` times; each allocation continues from the stages the last one finished."""
-    # About two and a half minutes of work in stages of about 20 s (six thin layers, long
-    # pretraining; measured on the 2-core CI machine): more than one 3-minute allocation, whose
-    # notice comes 90-120 s in (SLURM checks every 30 s), each allocation finishing stages.
-    slow = ["model.sizes=[784,16,16,16,16,16,9]", "pretrain.epochs=3000"]
+    # Four minutes of work or more in stages under a minute (five thin layers, long pretraining;
+    # 3,000 epochs took under 20 s a layer on the 2-core CI machine, 6,000 up to 40 s loaded):
+    # more than one 3-minute allocation, whose notice comes 90-120 s in (SLURM checks every 30
+    # s), each allocation finishing a stage at least.
+    slow = ["model.sizes=[784,16,16,16,16,9]", "pretrain.epochs=9000"]
     timed = [*SLURM, "hydra.launcher.timeout_min=3", "hydra.launcher.signal_delay_s=90"]
     running = sweep(tmp_path / "slurm", "seed=0", *slow, launcher=timed, wait=False)
     deadline = time.monotonic() + 1200
