@@ -143,8 +143,10 @@ def test_a_job_out_of_time_is_requeued_until_its_stages_are_done(tmp_path):
         start_requeued_now(seconds=5)
     out, err = running.communicate(timeout=60)
     assert running.returncode == 0, err[-3000:]
-    logs = "".join(p.read_text() for p in (tmp_path / "slurm" / ".submitit").rglob("*.err"))
-    assert "this job is timed-out" in logs and "Requeued job" in logs
+    # submitit's lines land in the job's saelab.log, which every allocation appends to (SLURM
+    # truncates the job's own .err file on each requeue)
+    log = (tmp_path / "slurm" / "0" / "saelab.log").read_text()
+    assert "this job is timed-out" in log and "Requeued job" in log
     reference = sweep(tmp_path / "basic", "seed=0", *slow, launcher=["progress=lines"])
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert numbers(tmp_path / "slurm" / "0", layers(slow)) == numbers(tmp_path / "basic" / "0",
