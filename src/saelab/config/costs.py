@@ -95,13 +95,19 @@ def size(n: float) -> str:
     return f"{n / 1024**k:.1f} {units[k]}"
 
 
-def stage_steps(cfg: DictConfig) -> dict[str, int]:
-    """Optimiser steps of each trained config group, every epoch, layer and tuning trial."""
+def training_images(cfg: DictConfig) -> tuple[int, int]:
+    """Images of the training split, and how many of them the labelled stages see."""
     classes = list(cfg.data.classes)
     n_train = sum(catalogue.train_counts(cfg.data.name, classes, cfg.data.val_size,
                                          cfg.data.train_limit))
     labelled = (cfg.data.labels_per_class * len(classes) if cfg.data.labels_per_class
                 else n_train)
+    return n_train, labelled
+
+
+def stage_steps(cfg: DictConfig) -> dict[str, int]:
+    """Optimiser steps of each trained config group, every epoch, layer and tuning trial."""
+    n_train, labelled = training_images(cfg)
     layers = len(cfg.model.sizes) - 1
     trials = cfg.tune.trials or 1
     count = {"baseline": (labelled, 1), "pretrain": (n_train, layers), "probe": (labelled, layers),
@@ -124,11 +130,7 @@ def warn(jobs: list[DictConfig]) -> None:
 def cautions(cfg: DictConfig) -> list[str]:
     """What the front door warns of (one line each, the run goes on): minibatches larger than
     the images they are drawn from, and more optimiser steps than a run can finish."""
-    classes = list(cfg.data.classes)
-    n_train = sum(catalogue.train_counts(cfg.data.name, classes, cfg.data.val_size,
-                                         cfg.data.train_limit))
-    labelled = (cfg.data.labels_per_class * len(classes) if cfg.data.labels_per_class
-                else n_train)
+    n_train, labelled = training_images(cfg)
     lines = []
     for group in ("baseline", "pretrain", "probe", "finetune", "scratch", "semisup"):
         own, n = cfg[group], n_train if group == "pretrain" else labelled
