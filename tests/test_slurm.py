@@ -131,14 +131,17 @@ def test_a_preempted_job_continues_from_its_finished_stages_with_the_same_number
 def test_a_job_out_of_time_is_requeued_until_its_stages_are_done(tmp_path):
     """The time limit's notice (USR2, `signal_delay_s` before it) requeues the job, up to
     `max_num_timeout` times; each allocation continues from the stages the last one finished."""
-    # Four minutes of work or more in stages under a minute (five thin layers, long pretraining;
-    # 3,000 epochs took under 20 s a layer on the 2-core CI machine, 6,000 up to 40 s loaded):
-    # more than one 3-minute allocation, whose notice comes 90-120 s in (SLURM checks every 30
-    # s), each allocation finishing a stage at least.
-    slow = ["model.sizes=[784,16,16,16,16,9]", "pretrain.epochs=9000"]
-    timed = [*SLURM, "hydra.launcher.timeout_min=3", "hydra.launcher.signal_delay_s=90"]
+    # SLURM sends the notice `signal_delay_s` before the limit or up to 60 s earlier: 60 to 120 s
+    # into a 3-minute allocation. So the work comes in stages far shorter than that (1,500 epochs
+    # of a thin layer: 9 s on the 2-core CI machine, under 25 s loaded), each allocation finishing
+    # several, and there is more of it than one allocation holds (24 layers: 3.5 min, 2 min on a
+    # machine twice as fast). The requeues allowed are many, so a slow machine gets there too.
+    sizes = ",".join(["784", *["16"] * 24, "9"])
+    slow = [f"model.sizes=[{sizes}]", "pretrain.epochs=1500"]
+    timed = [*SLURM, "hydra.launcher.timeout_min=3", "hydra.launcher.signal_delay_s=60",
+             "hydra.launcher.max_num_timeout=30"]
     running = sweep(tmp_path / "slurm", "seed=0", *slow, launcher=timed, wait=False)
-    deadline = time.monotonic() + 1200
+    deadline = time.monotonic() + 1800
     while running.poll() is None and time.monotonic() < deadline:
         start_requeued_now(seconds=5)
     out, err = running.communicate(timeout=60)
