@@ -133,9 +133,10 @@ def test_a_job_out_of_time_is_requeued_until_its_stages_are_done(tmp_path):
     `max_num_timeout` times; each allocation continues from the stages the last one finished."""
     # SLURM sends the notice `signal_delay_s` before the limit or up to 60 s earlier: 60 to 120 s
     # into a 3-minute allocation. So the work comes in stages far shorter than that (1,500 epochs
-    # of a thin layer: 9 s on the 2-core CI machine, under 25 s loaded), each allocation finishing
-    # several, and there is more of it than one allocation holds (24 layers: 3.5 min, 2 min on a
-    # machine twice as fast). The requeues allowed are many, so a slow machine gets there too.
+    # of a thin layer: 8 to 16 s on the 2-core CI machine), each allocation finishing several,
+    # and there is more of it than one allocation holds (24 layers: 6 min there, in 4 allocations
+    # whose notice came 120 s in; 3 min on a machine twice as fast). The requeues allowed are
+    # many, so a slower machine gets there too. (14 min in all with the reference run.)
     sizes = ",".join(["784", *["16"] * 24, "9"])
     slow = [f"model.sizes=[{sizes}]", "pretrain.epochs=1500"]
     timed = [*SLURM, "hydra.launcher.timeout_min=3", "hydra.launcher.signal_delay_s=60",
