@@ -115,6 +115,8 @@ def blocks(m: dict) -> dict[str, str]:
         cfg = OmegaConf.create(metrics["config"])
         table = summary_table(cfg, metrics, Path("outputs/runs/<date>_<time>"))
         out["terminal"] = f"```\n{table}\n```"
+    if "cae2" in m:
+        out["cae2"] = preset_table(m["cae2"])
     for name in ("study_wide", "study_default"):
         if name in m:
             out[name] = study_table(m[name])
@@ -130,6 +132,24 @@ def blocks(m: dict) -> dict[str, str]:
             m["head_rule"], [LABELS, "model.head"],
             {"pretrained + fine-tuned": "finetune_val_acc", "scratch": "scratch_val_acc"})
     return out
+
+
+def preset_table(entry: dict) -> str:
+    """One run of a paper's preset: the fine-tuned network's test error, each compared stage's
+    accuracy, each layer's contraction on validation, and the time."""
+    metrics = entry["metrics"]
+    layers = [metrics[k]["val_contraction"] for k in sorted(metrics)
+              if k.startswith("pretrain_layer")]
+    cells = [f"`{entry['command']}`", f"**{100 * (1 - metrics['finetune']['test_acc']):.2f}%**",
+             pct(metrics["finetune"]["val_acc"]),
+             *(pct(metrics[s]["test_acc"]) for s in ("scratch", "probe", "baseline")),
+             " / ".join(f"{c:.3g}" for c in layers), f"{metrics['timings']['total_s']:.0f} s"]
+    return "\n".join([
+        "| command | fine-tuned test error | its val accuracy | scratch | probe | pixel baseline "
+        "| val ‖J‖²_F per layer | time |", "|" + " --- |" * len(cells),
+        "| " + " | ".join(cells) + " |", "",
+        f"Seed {metrics['seed']}, saelab {metrics['version']}; CPU: {entry['cpu']}, default "
+        "threads."])
 
 
 def jobs_table(entry: dict, keys: list[str], columns: dict[str, str]) -> str:

@@ -126,6 +126,10 @@ def test_tensorboard_holds_the_images_and_an_hparams_entry_with_the_metrics(tiny
         assert value.value == pytest.approx(metrics[stage]["test_acc"], abs=1e-6)
     (mse,) = run.Scalars("final/pretrain_layer2_val_recon_mse")
     assert mse.value == pytest.approx(metrics["pretrain_layer2"]["val_recon_mse"], rel=1e-6)
+    (contraction,) = run.Scalars("final/pretrain_layer2_val_contraction")
+    assert contraction.value == pytest.approx(metrics["pretrain_layer2"]["val_contraction"],
+                                              rel=1e-6)
+    assert contraction.value > 0
     assert list((tiny_run / "tensorboard").glob("*/codes%2ffinetuned/sprite.png"))
 
 
@@ -138,6 +142,7 @@ def test_report_md_embeds_every_figure_and_states_the_overrides(tiny_run):
         assert override in text
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert f"{metrics['finetune']['test_acc']:.2%}" in text
+    assert f"| {metrics['pretrain_layer1']['val_contraction']:.3g} |" in text
 
 
 def test_saelab_report_rebuilds_a_finished_run_without_training(tiny_run, tmp_path, caplog):

@@ -1,5 +1,5 @@
-"""The autoencoder variants (denoising, sparsity, tied weights, activations) and the
-reproduction presets, on real MNIST slices."""
+"""The autoencoder variants (denoising, sparsity, the contractive penalty, tied weights,
+activations) and the reproduction presets, on real MNIST slices."""
 
 from __future__ import annotations
 
@@ -97,6 +97,45 @@ def test_sparsity_penalties_add_to_the_reconstruction_loss(digits):
     assert torch.allclose(kl - plain, 0.1 * kl_sparsity(codes, 0.05, -1.0))
 
 
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu"])
+def test_contraction_is_the_squared_norm_of_the_encoders_jacobian(digits, activation, tied):
+    torch.manual_seed(0)
+    ae, x = AutoEncoder(784, 32, activation, tied), digits[:8]
+    jacobians = torch.func.vmap(torch.func.jacrev(ae.encode))(x)  # (8, 32, 784)
+    assert jacobians.pow(2).sum((1, 2)).mean() > 0
+    assert torch.allclose(ae.contraction(ae.encode(x)), jacobians.pow(2).sum((1, 2)).mean(),
+                          rtol=1e-5)
+
+
+def test_contractive_penalty_adds_to_the_loss_and_contracts_the_encoder(digits):
+    torch.manual_seed(0)
+    ae, x = AutoEncoder(784, 64), digits[:256]
+    plain = pretrain_stage(ae).loss(x)
+    penalised = pretrain_stage(ae, "pretrain.contractive.weight=0.3").loss(x)
+    assert torch.allclose(penalised - plain, 0.3 * ae.contraction(ae.encode(x)))
+    # The same start and minibatches with and without the penalty: the penalised encoder's
+    # Jacobian is smaller on images it did not train on, and its codes still say more about them
+    # than nothing (a reconstruction better than the mean training image).
+    train, held_out = digits[:1500], digits[1500:]
+    trained = {}
+    for weight in (0.0, 0.003):
+        torch.manual_seed(1)
+        ae = AutoEncoder(784, 64)
+        stage = pretrain_stage(ae, f"pretrain.contractive.weight={weight}")
+        opt = make_optimizer([{"params": list(ae.parameters())}], stage.cfg)
+        for batch in train.split(100) * 4:
+            opt.zero_grad()
+            stage.loss(batch).backward()
+            opt.step()
+        with torch.no_grad():
+            trained[weight] = (float(ae.contraction(ae.encode(held_out))),
+                               float(F.mse_loss(ae(held_out), held_out)))
+    assert trained[0.003][0] < 0.5 * trained[0.0][0]  # measured: 1.75 against 5.28
+    mean_image = float(F.mse_loss(train.mean(0).expand_as(held_out), held_out))
+    assert trained[0.003][1] < mean_image - 0.01  # measured: 0.249 against 0.265
+
+
 def test_tied_weights_share_storage_and_train(digits):
     torch.manual_seed(0)
     ae = AutoEncoder(784, 64, tied=True)
@@ -139,6 +178,15 @@ def test_paper_presets_use_the_papers_split_and_networks(preset):
     denoising = preset in ("sda3_mnist", "fashion_sda3")
     assert (cfg.pretrain.noise.kind, cfg.pretrain.noise.level) == (
         ("masking", 0.25) if denoising else ("none", 0.0))
+
+
+def test_cae2_preset_is_the_papers_contractive_network():
+    cfg = compose(["experiment=cae2_mnist"])
+    assert cfg.data.val_size == 10_000 and cfg.data.train_limit is None
+    assert list(cfg.model.sizes) == [784, 1000, 1000] and cfg.model.tied
+    assert (cfg.model.activation, cfg.data.pixels, cfg.pretrain.loss) == (
+        "sigmoid", "zero_one", "bce")
+    assert cfg.pretrain.contractive.weight > 0 and cfg.pretrain.noise.kind == "none"
 
 
 @pytest.mark.slow

@@ -225,6 +225,13 @@ class SparsityConfig:
 
 
 @dataclass
+class ContractiveConfig:
+    weight: float = key(0.0, "weight of the contractive penalty: the squared Frobenius norm of "
+                        "the encoder's Jacobian at each input, averaged (Rifai et al. 2011; 0: "
+                        "off)", ge=0)
+
+
+@dataclass
 class PretrainConfig(StageConfig):
     codes: Codes = key(Codes.activation, "codes handed to the next layer: the activation (as the "
                        "stacked network computes them) or the Linear output (the notebook's "
@@ -233,6 +240,7 @@ class PretrainConfig(StageConfig):
                           "pixels)")
     noise: NoiseConfig = key(NoiseConfig(), "denoising")
     sparsity: SparsityConfig = key(SparsityConfig(), "sparsity")
+    contractive: ContractiveConfig = key(ContractiveConfig(), "contractive autoencoders")
 
 
 @dataclass

@@ -77,12 +77,12 @@ def mlflow_run_id(logger: Logger) -> str | None:
 
 def final_metrics(cfg: DictConfig, metrics: dict) -> dict[str, float]:
     """The numbers the jobs of a sweep are compared on: the accuracies of every classifier stage
-    and the reconstruction MSE of every layer, under tags of their own (not the per-epoch
-    curves), and the time spent training."""
+    and the reconstruction MSE and contraction of every layer, under tags of their own (not the
+    per-epoch curves), and the time spent training."""
     out, train_s = {}, 0.0
     for stage in plan(cfg):
         section = metrics.get(stage.name, {})
-        for key in ("test_acc", "val_acc", "val_recon_mse", "test_recon_mse"):
+        for key in ("test_acc", "val_acc", "val_recon_mse", "test_recon_mse", "val_contraction"):
             if key in section:
                 out[f"final/{stage.name}_{key}"] = section[key]
         train_s += section.get("seconds", 0.0)

@@ -197,14 +197,22 @@ class PretrainLayer(Stage):
         experiment.autoencoders.append(model.eval())
 
     def metrics(self, experiment: Experiment, module: StageModule, settings: View) -> dict:
-        """Sizes, noise level, and the reconstruction MSE per value on each split's inputs."""
-        d_in, d_out = module.model.sizes
+        """Sizes, noise level, the reconstruction MSE per value on each split's inputs, and the
+        encoder's contraction on the validation inputs (its Jacobian's squared norm, averaged:
+        what `pretrain.contractive` penalises, reported for every autoencoder)."""
+        ae = module.model
+        d_in, d_out = ae.sizes
         out = {"in": d_in, "out": d_out, "noise_level": module.noise_level}
         for split, x in zip(("train", "val", "test"), experiment.layer_inputs, strict=True):
             if len(x):
                 errors, counts = zip(*(module.evaluate(part) for part in x.split(CHUNK)),
                                      strict=True)
                 out[f"{split}_recon_mse"] = sum(map(float, errors)) / sum(map(float, counts))
+        val = experiment.layer_inputs[1]
+        if len(val):
+            with torch.no_grad():
+                out["val_contraction"] = sum(float(ae.contraction(ae.encode(part))) * len(part)
+                                             for part in val.split(CHUNK)) / len(val)
         return out
 
     def weights(self, experiment: Experiment, settings: View) -> int:

@@ -159,8 +159,9 @@ class StageModule(pl.LightningModule):
 
 class AutoencoderModule(StageModule):
     """Greedy pretraining of one layer: reconstruct the (clean) input from a possibly corrupted
-    copy, with an optional sparsity penalty on the codes. `noise_level` (this layer's entry of
-    `noise.levels`) replaces `noise.level` when given."""
+    copy, with an optional sparsity penalty on the codes and an optional contractive penalty on
+    the encoder's Jacobian (at the input the encoder sees, corrupted or not). `noise_level` (this
+    layer's entry of `noise.levels`) replaces `noise.level` when given."""
 
     monitor = "val_recon_mse"
     mode = "min"
@@ -177,6 +178,7 @@ class AutoencoderModule(StageModule):
         self.bce = cfg.loss == ReconLoss.bce
         self.sparsity_kind = Sparsity(cfg.sparsity.kind)
         self.sparsity_weight, self.sparsity_target = cfg.sparsity.weight, cfg.sparsity.target
+        self.contractive_weight = cfg.contractive.weight
 
     def reconstruction_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         codes = self.model.encode(x)
@@ -198,6 +200,8 @@ class AutoencoderModule(StageModule):
                                                              self.code_low)
         elif self.sparsity_kind == Sparsity.l1:
             loss = loss + self.sparsity_weight * codes.abs().mean()
+        if self.contractive_weight:
+            loss = loss + self.contractive_weight * self.model.contraction(codes)
         return loss
 
     @torch.no_grad()

@@ -286,15 +286,18 @@ def markdown_report(run, figures: list[Picture]) -> str:
         val = f"{s['val_acc']:.2%}" if "val_acc" in s else "–"
         lines.append(f"| {stage.name}: {stage.about} | {s['test_acc']:.2%} | {val} | "
                      f"{s['seconds']:.1f} s |")
-    lines += ["", "Greedy layer-wise pretraining, reconstruction MSE per value:", "",
-              "| layer | sizes | train MSE | val MSE | test MSE | time |",
-              "|---|---|---:|---:|---:|---:|"]
+    lines += ["", "Greedy layer-wise pretraining: reconstruction MSE per value, and the "
+              "encoder's contraction on validation, ‖J‖²_F (the squared norm of its Jacobian, "
+              "averaged over the images: how much the codes move when the input does):", "",
+              "| layer | sizes | train MSE | val MSE | test MSE | val ‖J‖²_F | time |",
+              "|---|---|---:|---:|---:|---:|---:|"]
     for k, stage in enumerate((s for s in stages if not s.classifies), start=1):
         layer = m[stage.name]
         mse = [f"{layer[key]:.4f}" if key in layer else "–"
                for key in ("train_recon_mse", "val_recon_mse", "test_recon_mse")]
+        contraction = f"{layer['val_contraction']:.3g}" if "val_contraction" in layer else "–"
         lines.append(f"| {k} | {layer['in']} → {layer['out']} | {' | '.join(mse)} | "
-                     f"{layer['seconds']:.1f} s |")
+                     f"{contraction} | {layer['seconds']:.1f} s |")
     lines += ["", f"Training time, all stages: {training_seconds(run):.1f} s.", "", "## Figures",
               "", f"Layers are numbered from 1 (input side first); {vis.UNIT_NUMBERING}, in "
               "every figure and in TensorBoard's images, which are the same figures. Codes are "
