@@ -142,7 +142,8 @@ def preset_table(entry: dict) -> str:
               if k.startswith("pretrain_layer")]
     cells = [f"`{entry['command']}`", f"**{100 * (1 - metrics['finetune']['test_acc']):.2f}%**",
              pct(metrics["finetune"]["val_acc"]),
-             *(pct(metrics[s]["test_acc"]) for s in ("scratch", "probe", "baseline")),
+             *(pct(metrics[s]["test_acc"]) if s in metrics else "–"
+               for s in ("scratch", "probe", "baseline")),
              " / ".join(f"{c:.3g}" for c in layers), f"{metrics['timings']['total_s']:.0f} s"]
     return "\n".join([
         "| command | fine-tuned test error | its val accuracy | scratch | probe | pixel baseline "
