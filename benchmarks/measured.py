@@ -138,8 +138,8 @@ def preset_table(entry: dict) -> str:
     """One run of a paper's preset: the fine-tuned network's test error, each compared stage's
     accuracy, each layer's contraction on validation, and the time."""
     metrics = entry["metrics"]
-    layers = [metrics[k]["val_contraction"] for k in sorted(metrics)
-              if k.startswith("pretrain_layer")]
+    layers = [section["val_contraction"] for stage, section in metrics.items()
+              if stage.startswith("pretrain_layer")]  # in the run's order: layer 10 after 9
     cells = [f"`{entry['command']}`", f"**{100 * (1 - metrics['finetune']['test_acc']):.2f}%**",
              pct(metrics["finetune"]["val_acc"]),
              *(pct(metrics[s]["test_acc"]) if s in metrics else "–"

@@ -15,7 +15,7 @@ from saelab.data.splits import load_splits
 from saelab.data.transforms import corrupt
 from saelab.errors import ConfigError
 from saelab.nn.modules import AutoencoderModule, kl_sparsity, make_optimizer
-from saelab.nn.networks import AutoEncoder
+from saelab.nn.networks import ACTIVATIONS, AutoEncoder
 
 PRESETS = ["sae3_mnist", "sda3_mnist", "fashion_default", "fashion_sda3"]
 
@@ -98,7 +98,7 @@ def test_sparsity_penalties_add_to_the_reconstruction_loss(digits):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu"])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))  # each needs its slope in SLOPES
 def test_contraction_is_the_squared_norm_of_the_encoders_jacobian(digits, activation, tied):
     torch.manual_seed(0)
     ae, x = AutoEncoder(784, 32, activation, tied), digits[:8]
