@@ -104,7 +104,7 @@ def test_contraction_is_the_squared_norm_of_the_encoders_jacobian(digits, activa
     ae, x = AutoEncoder(784, 32, activation, tied), digits[:8]
     jacobians = torch.func.vmap(torch.func.jacrev(ae.encode))(x)  # (8, 32, 784)
     assert jacobians.pow(2).sum((1, 2)).mean() > 0
-    assert torch.allclose(ae.contraction(ae.encode(x)), jacobians.pow(2).sum((1, 2)).mean(),
+    assert torch.allclose(ae.contraction(x, ae.encode(x)), jacobians.pow(2).sum((1, 2)).mean(),
                           rtol=1e-5)
 
 
@@ -113,7 +113,7 @@ def test_contractive_penalty_adds_to_the_loss_and_contracts_the_encoder(digits):
     ae, x = AutoEncoder(784, 64), digits[:256]
     plain = pretrain_stage(ae).loss(x)
     penalised = pretrain_stage(ae, "pretrain.contractive.weight=0.3").loss(x)
-    assert torch.allclose(penalised - plain, 0.3 * ae.contraction(ae.encode(x)))
+    assert torch.allclose(penalised - plain, 0.3 * ae.contraction(x, ae.encode(x)))
     # The same start and minibatches with and without the penalty: the penalised encoder's
     # Jacobian is smaller on images it did not train on, and its codes still say more about them
     # than nothing (a reconstruction better than the mean training image).
@@ -129,7 +129,7 @@ def test_contractive_penalty_adds_to_the_loss_and_contracts_the_encoder(digits):
             stage.loss(batch).backward()
             opt.step()
         with torch.no_grad():
-            trained[weight] = (float(ae.contraction(ae.encode(held_out))),
+            trained[weight] = (float(ae.contraction(held_out, ae.encode(held_out))),
                                float(F.mse_loss(ae(held_out), held_out)))
     assert trained[0.003][0] < 0.5 * trained[0.0][0]  # measured: 1.75 against 5.28
     mean_image = float(F.mse_loss(train.mean(0).expand_as(held_out), held_out))

@@ -11,12 +11,11 @@ import ctypes
 import math
 import os
 import sys
-from itertools import pairwise
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from saelab.config import catalogue
+from saelab.config import catalogue, kinds
 from saelab.config.schema import Accelerator
 
 FLOAT = 4  # bytes of a float32: weights, their gradients and Adam's moments, the pixels
@@ -27,10 +26,13 @@ STEPS_WARNED = 10**10
 CGROUP_LIMIT = Path("/sys/fs/cgroup/memory.max")  # a container's memory, where it is smaller
 
 
-def weights(sizes: list[int], n_classes: int) -> tuple[int, int]:
+def weights(model, n_classes: int) -> tuple[int, int]:
     """Weights and biases of the autoencoders (encoders and decoders) and of the deep network."""
-    autoencoders = sum(2 * a * b + a + b for a, b in pairwise(sizes))
-    deep = sum(a * b + b for a, b in pairwise(sizes)) + sizes[-1] * n_classes + n_classes
+    kind = kinds.kind_of(model)
+    layers = [kind.weights(model, k) for k in range(1, kinds.depth(model) + 1)]
+    autoencoders = sum(encoder + decoder for encoder, decoder in layers)
+    deep = (sum(encoder for encoder, _ in layers) + kinds.sizes(model)[-1] * n_classes
+            + n_classes)
     return autoencoders, deep
 
 
@@ -46,7 +48,7 @@ def peak_bytes(cfg: DictConfig) -> int:
     """A lower bound of the memory a run holds while it fine-tunes: every autoencoder (kept for
     the stages after it), the probe's network, the fine-tuned network with its gradients and
     Adam's two moments, and the splits' pixels, all in float32."""
-    autoencoders, deep = weights(list(cfg.model.sizes), len(cfg.data.classes))
+    autoencoders, deep = weights(cfg.model, len(cfg.data.classes))
     return FLOAT * (autoencoders + deep + 4 * deep + images(cfg) * PIXELS)
 
 
@@ -108,7 +110,7 @@ def training_images(cfg: DictConfig) -> tuple[int, int]:
 def stage_steps(cfg: DictConfig) -> dict[str, int]:
     """Optimiser steps of each trained config group, every epoch, layer and tuning trial."""
     n_train, labelled = training_images(cfg)
-    layers = len(cfg.model.sizes) - 1
+    layers = kinds.depth(cfg.model)
     trials = cfg.tune.trials or 1
     count = {"baseline": (labelled, 1), "pretrain": (n_train, layers), "probe": (labelled, layers),
              "finetune": (labelled, trials), "scratch": (labelled, trials),

@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from saelab.config import catalogue, costs
+from saelab.config import catalogue, costs, kinds
 from saelab.config.compose import SCHEMA_KEYS, omegaconf_error
 from saelab.config.schema import (
     PRECISIONS,
@@ -116,15 +116,14 @@ def _rules(cfg: DictConfig, files: bool) -> None:
                           "needs data.labels_per_class (with every label, validation uses "
                           "the whole validation split)")
 
-    sizes = list(model.sizes)
-    if len(sizes) < 2:
-        raise ConfigError("model.sizes", sizes, "needs at least 2 sizes (input, one hidden)")
-    if sizes[0] != 784:
-        raise ConfigError("model.sizes", sizes, "must start at the input size 784 (28x28)")
+    kinds.kind_of(model).check(model)
+    n_layers = kinds.depth(model)
     if files:  # a run to start, not one read back
         need, (have, where) = costs.peak_bytes(cfg), costs.memory_limit(cfg)
         if need > have:
-            raise ConfigError("model.sizes", sizes, f"needs at least {costs.size(need)} (the "
+            shape = kinds.kind_of(model).keys[0]
+            raise ConfigError(shape, list(OmegaConf.select(cfg, shape)), f"needs at least "
+                              f"{costs.size(need)} (the "
                               "autoencoders, the deep network with its gradients and Adam's "
                               f"moments, and the images, in float32); {where} "
                               f"{costs.size(have)}")
@@ -140,9 +139,9 @@ def _rules(cfg: DictConfig, files: bool) -> None:
                           "sigma)")
     levels = pre.noise.levels
     if levels is not None:
-        if len(levels) != len(sizes) - 1:
+        if len(levels) != n_layers:
             raise ConfigError("pretrain.noise.levels", list(levels),
-                              f"must be null or a list of {len(sizes) - 1} levels, one per layer")
+                              f"must be null or a list of {n_layers} levels, one per layer")
         for i, level in enumerate(levels):
             if fraction and level > 1:
                 raise ConfigError(f"pretrain.noise.levels.{i}", level,

@@ -48,6 +48,14 @@ class Activation(StrEnum):
     relu = "relu"
 
 
+class Kind(StrEnum):
+    """Kinds of autoencoder a stack is made of (their shapes: saelab.config.kinds; their
+    networks: saelab.nn.networks.AUTOENCODERS)."""
+
+    dense = "dense"  # Linear -> activation -> Linear, on flat vectors
+    conv = "conv"  # convolution -> max-pooling -> activation; unpooling -> transposed convolution
+
+
 class Optimizer(StrEnum):
     sgd = "sgd"
     adam = "adam"
@@ -176,9 +184,20 @@ class DataConfig:
 
 
 @dataclass
+class ConvConfig:
+    channels: list[int] = key([32, 64], "feature maps of each convolutional layer, bottom first",
+                              gt=0)
+    kernels: list[int] = key([5, 5], "odd kernel side of each layer ('same' padding)", gt=0)
+    pools: list[int] = key([2, 2], "max-pooling window and stride of each layer (1: none); "
+                           "it must divide the side of the maps it pools", gt=0)
+
+
+@dataclass
 class ModelConfig:
-    sizes: list[int] = key([784, 196, 49, 25, 9], "layer sizes from the 784 pixels to the top "
-                           "code; one autoencoder per consecutive pair", gt=0)
+    kind: Kind = key(Kind.dense, "kind of autoencoder: dense (model.sizes) or conv (model.conv)")
+    sizes: list[int] = key([784, 196, 49, 25, 9], "dense: layer sizes from the 784 pixels to the "
+                           "top code; one autoencoder per consecutive pair", gt=0)
+    conv: ConvConfig = key(ConvConfig(), "conv: the convolutional layers, one autoencoder each")
     activation: Activation = key(Activation.tanh, "hidden units")
     tied: bool = key(False, "decoder weight = encoder weight transposed (own bias)")
     head: HeadInit = key(HeadInit.probe, "how the deep networks' classifier head starts, one "

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING
 import torch
 from omegaconf import DictConfig
 
-from saelab.config.schema import Arm, Codes, HeadInit
+from saelab.config import kinds
+from saelab.config.schema import Arm, Codes, HeadInit, Kind
 from saelab.data.batches import Minibatches
 from saelab.data.transforms import corrupt
 from saelab.experiment.keys import DATA, LABEL_KEYS, NUMERICS, View, group_keys
 from saelab.experiment.state import Experiment
 from saelab.nn.evaluation import CHUNK, classifier_metrics, in_chunks
-from saelab.nn.networks import AutoEncoder, StackedNet
+from saelab.nn.networks import AUTOENCODERS, AutoEncoder, StackedNet
 from saelab.seeds import substream
 
 if TYPE_CHECKING:  # the stages' builders import Lightning (nn.modules) when they run: reading the
@@ -116,10 +117,12 @@ def deep_network(experiment: Experiment, autoencoders: list[AutoEncoder]) -> Sta
 
 
 def deep_weights(experiment: Experiment) -> int:
-    """Weights of the deep classifier: every encoder and the head."""
-    sizes = list(experiment.cfg.model.sizes)
-    return sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True)) + sizes[-1] * \
-        experiment.n_classes
+    """Multiply-adds of the deep classifier per sample: every encoder and the head (for a dense
+    stack, its weights)."""
+    model = experiment.cfg.model
+    kind, n = kinds.kind_of(model), kinds.depth(model)
+    return (sum(kind.macs(model, k) for k in range(1, n + 1))
+            + kinds.sizes(model)[-1] * experiment.n_classes)
 
 
 class Baseline(Stage):
@@ -140,12 +143,13 @@ class PretrainLayer(Stage):
     group = "pretrain"
     labelled = classifies = False
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, kind: Kind):
         self.k = k
         self.name, self.label = f"pretrain_layer{k}", f"pretrain layer {k}"
-        # Its own sizes and noise level, and (from layer 2) the codes of the layer below, which
+        self.kind = kinds.KINDS[kind]
+        # Its own shape and noise level, and (from layer 2) the codes of the layer below, which
         # are `pretrain.codes`: nothing of the layers above it.
-        own = (f"model.sizes.{k - 1}", f"model.sizes.{k}", "model.activation", "model.tied",
+        own = ("model.kind", *self.kind.layer_keys(k), "model.activation", "model.tied",
                f"pretrain.noise.levels.{k - 1}")
         keys = group_keys("pretrain", "pretrain.noise.levels",
                           *(("pretrain.codes",) if k == 1 else ()))
@@ -180,9 +184,8 @@ class PretrainLayer(Stage):
         return experiment.data.background if self.k == 1 else 0.0
 
     def model(self, experiment: Experiment, settings: View) -> AutoEncoder:
-        sizes = settings.model.sizes
-        ae = AutoEncoder(sizes[self.k - 1], sizes[self.k], settings.model.activation,
-                         settings.model.tied)
+        model = settings.model
+        ae = AUTOENCODERS[model.kind].of(model, self.k)
         experiment.initial.append(copy.deepcopy(ae.encoder.state_dict()))  # where scratch starts
         return ae
 
@@ -197,12 +200,14 @@ class PretrainLayer(Stage):
         experiment.autoencoders.append(model.eval())
 
     def metrics(self, experiment: Experiment, module: StageModule, settings: View) -> dict:
-        """Sizes, noise level, the reconstruction MSE per value on each split's inputs, and the
-        encoder's contraction on the validation inputs (its Jacobian's squared norm, averaged:
-        what `pretrain.contractive` penalises, reported for every autoencoder)."""
+        """Sizes and shape of its codes, noise level, the reconstruction MSE per value on each
+        split's inputs, and the encoder's contraction on the validation inputs (its Jacobian's
+        squared norm, averaged: what `pretrain.contractive` penalises, reported for every
+        autoencoder)."""
         ae = module.model
         d_in, d_out = ae.sizes
-        out = {"in": d_in, "out": d_out, "noise_level": module.noise_level}
+        out = {"in": d_in, "out": d_out, "shape": list(ae.shapes[1]),
+               "noise_level": module.noise_level}
         for split, x in zip(("train", "val", "test"), experiment.layer_inputs, strict=True):
             if len(x):
                 errors, counts = zip(*(module.evaluate(part) for part in x.split(CHUNK)),
@@ -211,13 +216,13 @@ class PretrainLayer(Stage):
         val = experiment.layer_inputs[1]
         if len(val):
             with torch.no_grad():
-                out["val_contraction"] = sum(float(ae.contraction(ae.encode(part))) * len(part)
-                                             for part in val.split(CHUNK)) / len(val)
+                out["val_contraction"] = sum(
+                    float(ae.contraction(part, ae.encode(part))) * len(part)
+                    for part in val.split(CHUNK)) / len(val)
         return out
 
     def weights(self, experiment: Experiment, settings: View) -> int:
-        sizes = settings.model.sizes
-        return 2 * sizes[self.k - 1] * sizes[self.k]  # encoder and decoder
+        return 2 * self.kind.macs(settings.model, self.k)  # encoder and decoder
 
 
 class Probe(Stage):
@@ -276,14 +281,13 @@ class Probe(Stage):
         return out
 
     def weights(self, experiment: Experiment, settings: View) -> int:
-        return experiment.cfg.model.sizes[self.k] * experiment.n_classes
+        return kinds.sizes(experiment.cfg.model)[self.k] * experiment.n_classes
 
 
 def initial_network(experiment: Experiment) -> StackedNet:
     """The deep network at the very weights pretraining started from (the encoders) and the
     probe's initial head: no pretrained weight in it."""
-    fresh = [AutoEncoder(*ae.sizes, experiment.cfg.model.activation)
-             for ae in experiment.autoencoders]
+    fresh = [ae.untrained() for ae in experiment.autoencoders]
     for ae, state in zip(fresh, experiment.initial, strict=True):
         ae.encoder.load_state_dict(state)
     net = deep_network(experiment, fresh)
@@ -301,10 +305,9 @@ class ScratchProbe(Probe):
     own_stream = True
     top = False
 
-    def __init__(self, n_layers: int):  # its own names: Probe's are a layer's
-        self.k = n_layers
-        self.keys = (DATA + LABEL_KEYS + group_keys("probe") + ("model.sizes", "model.activation")
-                     + NUMERICS)
+    def __init__(self, n_layers: int, model_keys: tuple[str, ...]):  # its own names: Probe's
+        self.k = n_layers  # are a layer's
+        self.keys = DATA + LABEL_KEYS + group_keys("probe") + model_keys + NUMERICS
         self.consumes = tuple(f"pretrain_layer{j}" for j in range(1, n_layers + 1))
 
     def stack(self, experiment: Experiment) -> StackedNet:
@@ -378,9 +381,10 @@ class Scratch(Finetune):
     name = label = group = "scratch"
     about = "the same network from random weights, end to end"
 
-    def __init__(self, n_layers: int, head: HeadInit, tuned: bool = False):
+    def __init__(self, n_layers: int, head: HeadInit, model_keys: tuple[str, ...],
+                 tuned: bool = False):
         super().__init__(tuned)
-        self.keys = (*self.keys, "model.sizes", "model.activation")
+        self.keys = (*self.keys, *model_keys)
         # It starts from the encoders' and the probe head's initial weights, which the random
         # stream of pretraining determines: it consumes the pretrained layers (and with
         # model.head=probe, the probe of its own random stack).
@@ -428,16 +432,16 @@ def plan(cfg: DictConfig) -> list[Stage]:
     autoencoder per hidden layer, each probed by a linear classifier on its frozen codes; the
     stack fine-tuned; the same network trained from random weights; and, if on, fine-tuning that
     also learns from the unlabelled images."""
-    n = len(cfg.model.sizes) - 1
+    n, architecture = kinds.depth(cfg.model), kinds.model_keys(cfg.model)
     tuned = set(cfg.tune.arms) if cfg.tune.trials else set()
     stages: list[Stage] = [Baseline()]
     for k in range(1, n + 1):
-        stages += [PretrainLayer(k), Probe(k, n)]
+        stages += [PretrainLayer(k, Kind(cfg.model.kind)), Probe(k, n)]
     stages.append(Finetune(Arm.finetune in tuned))
     if cfg.scratch.epochs > 0:
         if cfg.model.head == HeadInit.probe:
-            stages.append(ScratchProbe(n))
-        stages.append(Scratch(n, cfg.model.head, Arm.scratch in tuned))
+            stages.append(ScratchProbe(n, architecture))
+        stages.append(Scratch(n, cfg.model.head, architecture, Arm.scratch in tuned))
     if cfg.semisup.epochs > 0:
         stages.append(Semisup(Arm.semisup in tuned))
     return stages

@@ -32,7 +32,7 @@ from saelab.errors import NonFiniteLossError
 from saelab.nn.callbacks import EpochRecord, KeepBest
 from saelab.nn.fastpath import StepLoop
 from saelab.nn.meter import Meter
-from saelab.nn.networks import AutoEncoder, StackedNet
+from saelab.nn.networks import StackedNet
 
 log = logging.getLogger("saelab")
 
@@ -166,7 +166,7 @@ class AutoencoderModule(StageModule):
     monitor = "val_recon_mse"
     mode = "min"
 
-    def __init__(self, model: AutoEncoder, cfg, label: str, tag: str, background: float = -1.0,
+    def __init__(self, model: nn.Module, cfg, label: str, tag: str, background: float = -1.0,
                  noise_level: float | None = None):
         super().__init__(model, cfg, label, tag)
         self.background = background
@@ -201,7 +201,7 @@ class AutoencoderModule(StageModule):
         elif self.sparsity_kind == Sparsity.l1:
             loss = loss + self.sparsity_weight * codes.abs().mean()
         if self.contractive_weight:
-            loss = loss + self.contractive_weight * self.model.contraction(codes)
+            loss = loss + self.contractive_weight * self.model.contraction(noisy, codes)
         return loss
 
     @torch.no_grad()

@@ -9,10 +9,14 @@ nothing outside this module indexes into a network.
 from __future__ import annotations
 
 from itertools import islice, pairwise
+from math import prod
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from saelab.config.kinds import Conv
+from saelab.config.schema import Kind
 
 ACTIVATIONS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU}
 # Each activation's derivative, written with its output h: what the encoder's Jacobian needs.
@@ -31,6 +35,7 @@ class AutoEncoder(nn.Module):
     def __init__(self, d_in: int, d_out: int, activation: str = "tanh", tied: bool = False):
         super().__init__()
         self.encoder = nn.Linear(d_in, d_out)
+        self.activation_name = activation
         self.activation = ACTIVATIONS[activation]()
         self.tied = tied
         if tied:
@@ -38,10 +43,34 @@ class AutoEncoder(nn.Module):
         else:
             self.decoder = nn.Linear(d_out, d_in)
 
+    @classmethod
+    def of(cls, model, k: int) -> AutoEncoder:
+        """Layer k as `model` (the config's model group, or a stage's view of it) declares it."""
+        return cls(model.sizes[k - 1], model.sizes[k], model.activation, model.tied)
+
     @property
     def sizes(self) -> tuple[int, int]:
         """(inputs, codes)."""
         return self.encoder.in_features, self.encoder.out_features
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of its inputs and of its codes."""
+        return (self.sizes[0],), (self.sizes[1],)
+
+    @property
+    def units(self) -> torch.Tensor:
+        """The code units the pictures show, one per feature: here every unit."""
+        return torch.arange(self.sizes[1])
+
+    def untrained(self) -> AutoEncoder:
+        """A new untied autoencoder of its shape, its weights drawn from the random stream (the
+        draws that saelab 0.3 made where scratch's starting network is rebuilt)."""
+        return AutoEncoder(*self.sizes, self.activation_name)
+
+    def new_encoder(self) -> nn.Module:
+        """A new encoder of its shape (weights drawn from the random stream)."""
+        return nn.Linear(*self.sizes)
 
     @property
     def decoder_weight(self) -> torch.Tensor:
@@ -54,19 +83,146 @@ class AutoEncoder(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.activation(self.encoder(x))
 
-    def decode(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.decoder_weight, self.decoder_bias_vector)
+    def decode(self, h: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """The reconstruction's logits (its values, with the mse loss); `bias=False`: the
+        decoder's linear part alone (what the pictures decode features with)."""
+        return F.linear(h, self.decoder_weight, self.decoder_bias_vector if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
-    def contraction(self, codes: torch.Tensor) -> torch.Tensor:
-        """The squared Frobenius norm of the encoder's Jacobian at each input, ||dh/dx||^2,
+    def contraction(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The squared Frobenius norm of the encoder's Jacobian at each input `x`, ||dh/dx||^2,
         averaged over the minibatch, from the inputs' `codes` h (Rifai et al. 2011). In closed
         form: row j of the Jacobian is s'(a_j) times row j of W, so the norm is
         sum_j s'(a_j)^2 ||W_j||^2, one matrix-vector product instead of d_in backward passes."""
         slope = SLOPES[type(self.activation)](codes)
         return ((slope * slope) @ self.encoder.weight.pow(2).sum(1)).mean()
+
+
+class ConvEncoder(nn.Module):
+    """Flat maps in, flat maps out: the input rows unflattened to `shape_in` (channels, side,
+    side), convolved ('same' padding), max-pooled by `pool`, flattened again. Pooling comes
+    before the activation (the stack applies it): for a non-decreasing activation that is the
+    usual convolution -> activation -> pooling, and the layer keeps the dense one's contract
+    (an affine-like map, then the activation)."""
+
+    def __init__(self, shape_in: tuple[int, int, int], channels: int, kernel: int, pool: int):
+        super().__init__()
+        self.shape_in, self.pool = tuple(shape_in), pool
+        self.conv = nn.Conv2d(shape_in[0], channels, kernel, padding=kernel // 2)
+        side = shape_in[1] // pool
+        self.shape_out = (channels, side, side)
+        self.in_features, self.out_features = prod(self.shape_in), prod(self.shape_out)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The filters: (channels out, channels in, side, side)."""
+        return self.conv.weight
+
+    def maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution's maps, before pooling: (N, channels, side, side)."""
+        return self.conv(x.unflatten(1, self.shape_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.maps(x)
+        return (F.max_pool2d(y, self.pool) if self.pool > 1 else y).flatten(1)
+
+
+class ConvAutoEncoder(nn.Module):
+    """A convolutional autoencoder (Masci et al. 2011): ConvEncoder -> activation; the decoder
+    unpools (each code fills its pooling window) and convolves back to the input's channels by a
+    transposed convolution, its output left linear. With `tied`, the transposed convolution uses
+    the encoder's filters (flipped, as a transposed convolution does) and keeps its own bias."""
+
+    def __init__(self, shape_in: tuple[int, int, int], channels: int, kernel: int, pool: int,
+                 activation: str = "tanh", tied: bool = False):
+        super().__init__()
+        self.encoder = ConvEncoder(shape_in, channels, kernel, pool)
+        self.activation_name = activation
+        self.activation = ACTIVATIONS[activation]()
+        self.tied, self.kernel, self.pool = tied, kernel, pool
+        if tied:
+            self.decoder_bias = nn.Parameter(torch.zeros(shape_in[0]))
+        else:
+            self.decoder = nn.ConvTranspose2d(channels, shape_in[0], kernel, padding=kernel // 2)
+
+    @classmethod
+    def of(cls, model, k: int) -> ConvAutoEncoder:
+        """Layer k as `model` (the config's model group, or a stage's view of it) declares it."""
+        return cls(Conv.shapes(model, k - 1)[-1], model.conv.channels[k - 1],
+                   model.conv.kernels[k - 1], model.conv.pools[k - 1], model.activation,
+                   model.tied)
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        return self.encoder.in_features, self.encoder.out_features
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return self.encoder.shape_in, self.encoder.shape_out
+
+    @property
+    def units(self) -> torch.Tensor:
+        """One unit per channel, the one at the centre of its map: the pictures show channels
+        (every unit of a channel applies the same filter, shifted)."""
+        channels, side, _ = self.encoder.shape_out
+        return torch.arange(channels) * side * side + (side // 2) * side + side // 2
+
+    @property
+    def decoder_weight(self) -> torch.Tensor:
+        return self.encoder.weight if self.tied else self.decoder.weight
+
+    @property
+    def decoder_bias_vector(self) -> torch.Tensor:
+        return self.decoder_bias if self.tied else self.decoder.bias
+
+    def untrained(self) -> ConvAutoEncoder:
+        return ConvAutoEncoder(self.encoder.shape_in, self.encoder.shape_out[0], self.kernel,
+                               self.pool, self.activation_name)
+
+    def new_encoder(self) -> nn.Module:
+        return ConvEncoder(self.encoder.shape_in, self.encoder.shape_out[0], self.kernel,
+                           self.pool)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.encoder(x))
+
+    def decode(self, h: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """The reconstruction's logits, flat; `bias=False`: without the decoder's bias."""
+        maps = h.unflatten(1, self.encoder.shape_out)
+        if self.pool > 1:
+            maps = F.interpolate(maps, scale_factor=self.pool, mode="nearest")
+        return F.conv_transpose2d(maps, self.decoder_weight,
+                                  self.decoder_bias_vector if bias else None,
+                                  padding=self.kernel // 2).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def contraction(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """||dh/dx||^2 averaged over the minibatch, in closed form. Unit (c, i, j) is s'(a)
+        times one position of the convolution, the one its pooling window kept; that row of the
+        Jacobian is filter c placed there, cut by the image's border (the zero padding), so its
+        squared norm is the squared filter summed over the positions inside the input: one
+        convolution of an all-ones input by the squared filters gives it at every position, and
+        pooling's argmax picks each unit's."""
+        slope = SLOPES[type(self.activation)](codes)
+        enc = self.encoder
+        inside = F.conv2d(torch.ones((1, *enc.shape_in), device=x.device, dtype=x.dtype),
+                          enc.weight.pow(2), padding=self.kernel // 2)[0].flatten(1)  # (C, H*W)
+        if self.pool > 1:
+            with torch.no_grad():
+                _, where = F.max_pool2d(enc.maps(x), self.pool, return_indices=True)
+            norms = inside[torch.arange(len(inside), device=x.device)[:, None],
+                           where.flatten(2)].flatten(1)  # (N, C*h*w)
+        else:
+            norms = inside.flatten()
+        return (slope * slope * norms).sum(1).mean()
+
+
+# Each kind's autoencoder (its shapes and keys: saelab.config.kinds.KINDS).
+AUTOENCODERS = {Kind.dense: AutoEncoder, Kind.conv: ConvAutoEncoder}
 
 
 class StackedNet(nn.Module):
@@ -78,24 +234,25 @@ class StackedNet(nn.Module):
     initial weights are drawn from the random stream (and the order saelab 0.3 drew them in).
     """
 
-    def __init__(self, sizes: list[int], n_classes: int | None, activation: str = "tanh"):
+    def __init__(self, sizes: list[int], n_classes: int | None, activation: str = "tanh",
+                 encoders: list[nn.Module] | None = None):
         super().__init__()
         self.sizes = [int(s) for s in sizes]
-        self.encoders = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(self.sizes))
+        # Dense layers unless given (a convolutional stack's ConvEncoders): any module mapping
+        # layer k-1's flat codes to layer k's pre-activations.
+        self.encoders = nn.ModuleList(encoders if encoders is not None else
+                                      (nn.Linear(a, b) for a, b in pairwise(self.sizes)))
         self.activation = ACTIVATIONS[activation]()
         self.head = nn.Linear(self.sizes[-1], n_classes) if n_classes is not None else None
 
     @classmethod
-    def from_autoencoders(cls, autoencoders: list[AutoEncoder], n_classes: int | None
-                          ) -> StackedNet:
+    def from_autoencoders(cls, autoencoders: list, n_classes: int | None) -> StackedNet:
         """The stack of `autoencoders`' encoders (copies of their weights), with a fresh head."""
         sizes = [autoencoders[0].sizes[0], *(ae.sizes[1] for ae in autoencoders)]
-        activation = next(k for k, v in ACTIVATIONS.items()
-                          if isinstance(autoencoders[0].activation, v))
-        net = cls(sizes, n_classes, activation)
-        for encoder, ae in zip(net.encoders, autoencoders, strict=True):
+        encoders = [ae.new_encoder() for ae in autoencoders]
+        for encoder, ae in zip(encoders, autoencoders, strict=True):
             encoder.load_state_dict(ae.encoder.state_dict())
-        return net
+        return cls(sizes, n_classes, autoencoders[0].activation_name, encoders)
 
     @property
     def depth(self) -> int:

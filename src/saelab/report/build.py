@@ -14,7 +14,6 @@ import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from matplotlib.image import imsave
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from saelab.config import kinds
 from saelab.config.schema import Codes
 from saelab.errors import ConfigError
 from saelab.experiment.loggers import REPORT_SUFFIX, log_figure, make_logger
@@ -42,6 +42,7 @@ DEFAULT_SAMPLES = 10
 # A unit whose activation varies less than this over the test images is called constant (on
 # the default run: exactly the layer-1 tanh units saturated on over 90 % of the test images).
 CONSTANT_STD = 0.02
+MAPS = 8  # the channels a reconstruction panel shows of each layer's feature maps
 
 
 @dataclass
@@ -118,22 +119,28 @@ def reconstruction_pictures(run, stack: StackedNet, samples) -> Iterator[Picture
     gray = f"Pixels in gray, {pixels[0]:g} black to {pixels[1]:g} white."
     strips = ("Codes are vectors, not images: each is a heat strip, one band per unit "
               f"({vis.UNIT_NUMBERING}), coloured by its value (scale at right).")
+    maps = (f"Feature maps are images, one per channel (the first {MAPS} channels, numbered "
+            f"from 0 left to right), coloured by their values (scale at right).")
     linear = run.cfg.pretrain.codes == Codes.pre_activation
     for k, ae in enumerate(aes, start=1):
         hidden = ae.encode(inputs)
         recon = AutoencoderModule(ae, run.cfg.pretrain, "", "").reconstruct(inputs)
-        d_in, d_out = ae.encoder.in_features, ae.encoder.out_features
-        code = (f"code: layer {k}, {d_out} units", hidden, False)
+        (d_in, d_out), (shape_in, shape_out) = ae.sizes, ae.shapes
+        code = (f"code: layer {k}, {layer_words(shape_out)}", drawn(hidden, shape_out), False)
         if k == 1:
             columns = [(f"input: {d_in} pixels", inputs, True), code,
                        (f"output: {d_in} pixels", recon, True)]
-            how = f"Each row: one test image. {gray} {strips}"
+            how = f"Each row: one test image. {gray} {maps if len(shape_out) == 3 else strips}"
         else:
             below = f"layer {k - 1} code{' before its activation' if linear else ''}"
-            columns = [("test image", x, True), (f"input: {below}, {d_in} units", inputs, False),
-                       code, (f"output: that input reconstructed, {d_in} units", recon, False)]
+            words = layer_words(shape_in)
+            columns = [("test image", x, True),
+                       (f"input: {below}, {words}", drawn(inputs, shape_in), False), code,
+                       (f"output: that input reconstructed, {words}", drawn(recon, shape_in),
+                        False)]
             how = (f"Each row: one test image (at left, for orientation); this layer's input is "
-                   f"its {below}. {strips} Input and output line up unit by unit.")
+                   f"its {below}. {maps if len(shape_out) == 3 else strips} Input and output "
+                   f"line up unit by unit.")
         yield Picture(f"layer{k}_reconstruction.png", f"pretrain/layer{k}/reconstruction",
                       f"Layer {k} autoencoder: input, code and reconstruction of test images",
                       vis.layer_panel(columns, labels, pixels,
@@ -154,6 +161,19 @@ def reconstruction_pictures(run, stack: StackedNet, samples) -> Iterator[Picture
                                   f"{len(aes)} to 1, then {type(squash).__name__}. {gray}"))
 
 
+def layer_words(shape: tuple[int, ...]) -> str:
+    """A layer's codes in words: `49 units`, or `32 maps of 14 × 14`."""
+    if len(shape) == 1:
+        return f"{shape[0]} units"
+    channels, side, _ = shape
+    return f"{channels} maps of {side} × {side}"
+
+
+def drawn(codes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Codes as a reconstruction panel draws them: strips, or the first channels' maps."""
+    return vis.maps_row(codes, shape, MAPS) if len(shape) == 3 else codes
+
+
 def decoders(k: int) -> str:
     """Which decoders a layer-k unit is decoded through, in order."""
     return "decoder 1" if k == 1 else f"decoders {', '.join(str(i) for i in range(k, 0, -1))}"
@@ -165,28 +185,38 @@ def feature_pictures(run, nets: dict[str, StackedNet],
     by activation maximisation in the pretrained network, beside the decoded feature of the same
     unit; and by activation maximisation in the fine-tuned network, beside the pretrained one."""
     aes = run.autoencoders
-    tiles = (f"{vis.UNIT_NUMBERING.capitalize()}. Each tile is scaled to its own largest "
-             f"|value|: red positive, blue negative, white zero.")
     method = (f"the input of L2 norm {actmax.norm:g} within the pixel range that drives the unit "
               f"hardest ({actmax.steps} steps of projected gradient ascent)")
     codes = run.splits().test_x
     for k, ae in enumerate(aes, start=1):
-        n, through = ae.encoder.out_features, decoders(k)
+        units, through = ae.units.to(run.device), decoders(k)
+        n, noun, numbering = len(units), *pictured(ae)
+        tiles = (f"{numbering}. Each tile is scaled to its own largest |value|: red positive, "
+                 f"blue negative, white zero.")
         decoded = vis.unit_features(aes[:k])
         codes = in_chunks(lambda c, k=k: nets["pretrained"].layer(c, k), codes)  # layer k's
-        constant = constant_units(codes)
+        constant = constant_units(codes[:, units])
+        if len(ae.shapes[0]) == 3 and ae.shapes[0][0] == 1:  # filters on the pixels themselves
+            side = ae.kernel
+            yield Picture(f"filters_layer{k}.png", f"pretrain/layer{k}/filters",
+                          f"Layer {k} filters", vis.unit_grid(
+                              [ae.encoder.weight.flatten(1)],
+                              f"Layer {k}: its {n} filters, {side} × {side} pixels each",
+                              f"Each numbered tile: the weights channel c multiplies the "
+                              f"{side} × {side} pixels under it with, at every position of the "
+                              f"image. {tiles}"))
         yield Picture(f"features_layer{k}.png", f"pretrain/layer{k}/features",
-                      f"Layer {k} units decoded to pixels (biases removed)",
-                      vis.unit_grid([decoded], f"Layer {k}: its {n} units decoded to pixels",
+                      f"Layer {k} {noun}s decoded to pixels (biases removed)",
+                      vis.unit_grid([decoded], f"Layer {k}: its {n} {noun}s decoded to pixels",
                                     f"Each numbered tile: the unit's one-hot code decoded through "
                                     f"{through}, biases removed: the pattern the unit adds to a "
                                     f"reconstruction. {tiles}{constant}"))
-        pretrained, reached = maximise(run, nets["pretrained"], k, n, actmax)
-        finetuned, reached_ft = maximise(run, nets["fine-tuned"], k, n, actmax)
+        pretrained, reached = maximise(run, nets["pretrained"], k, units, actmax)
+        finetuned, reached_ft = maximise(run, nets["fine-tuned"], k, units, actmax)
         yield Picture(
             f"features_layer{k}_actmax.png", f"pretrain/layer{k}/actmax",
-            f"Layer {k} units of the pretrained stack: decoded feature and input maximising "
-            f"each unit",
+            f"Layer {k} {noun}s of the pretrained stack: decoded feature and input maximising "
+            f"each {noun}",
             vis.unit_grid(
                 [decoded, pretrained],
                 f"Layer {k}, pretrained stack: what each unit writes (left) and what drives it "
@@ -196,7 +226,7 @@ def feature_pictures(run, nets: dict[str, StackedNet],
                 f"activation reached {reached:.2f}. {tiles}{constant}\n{why_noisy(run)}"))
         yield Picture(
             f"features_layer{k}_finetuned_actmax.png", f"finetune/layer{k}/actmax",
-            f"Layer {k} units before and after fine-tuning: inputs maximising each unit",
+            f"Layer {k} {noun}s before and after fine-tuning: inputs maximising each {noun}",
             vis.unit_grid(
                 [pretrained, finetuned],
                 f"Layer {k}: input driving each unit hardest, pretrained (left) and fine-tuned "
@@ -206,6 +236,17 @@ def feature_pictures(run, nets: dict[str, StackedNet],
                 f"reached {reached:.2f}) and in the fine-tuned network (right; {reached_ft:.2f}): "
                 f"what fine-tuning made of the unit, which the pretrained decoders no longer "
                 f"describe. {tiles}"))
+
+
+def pictured(ae) -> tuple[str, str]:
+    """What a layer's tiles stand for, and how they are numbered: units of a dense layer;
+    channels of a convolutional one, each by its unit at the centre of its map."""
+    if len(ae.shapes[1]) == 1:
+        return "unit", vis.UNIT_NUMBERING.capitalize()
+    return "channel", ("Channels are numbered from 0, channel c being map c of the layer's codes; "
+                       "each is pictured by its unit at the centre of its map (the unit in "
+                       "these captions): every unit of a channel applies the same filter, "
+                       "shifted, so the centre one shows the channel's pattern")
 
 
 def why_noisy(run) -> str:
@@ -234,16 +275,16 @@ def constant_units(codes: torch.Tensor) -> str:
             f"{', '.join(map(str, units))}.")
 
 
-def maximise(run, body: StackedNet, k: int, n: int,
+def maximise(run, body: StackedNet, k: int, units: torch.Tensor,
              actmax: DictConfig) -> tuple[torch.Tensor, float]:
-    """The input maximising each of the n units of layer k of `body`, and the mean activation
-    those inputs reach."""
+    """The input maximising each of the pictured `units` of layer k of `body`, and the mean
+    activation those inputs reach."""
     best = vis.activation_maximisation(
-        partial(body.pre_activation, layer=k), run.autoencoders[0].sizes[0], n, steps=actmax.steps,
-        lr=actmax.lr, norm=actmax.norm, bounds=(run.splits().background, 1.0), seed=run.cfg.seed,
-        device=run.device)
+        lambda x: body.pre_activation(x, k)[:, units], run.autoencoders[0].sizes[0], len(units),
+        steps=actmax.steps, lr=actmax.lr, norm=actmax.norm,
+        bounds=(run.splits().background, 1.0), seed=run.cfg.seed, device=run.device)
     with torch.no_grad():
-        return best, float(body.codes(best, k).diagonal().mean())
+        return best, float(body.codes(best, k)[:, units].diagonal().mean())
 
 
 @torch.no_grad()
@@ -273,7 +314,7 @@ def markdown_report(run, figures: list[Picture]) -> str:
     lines = [f"# saelab run `{run.dir.name}`", "",
              f"{data['name']}, classes {', '.join(data['class_names'])}: {data['n_train']} train / "
              f"{data['n_val']} val / {data['n_test']} test images (source `{data['source']}`). "
-             f"Network {' → '.join(str(s) for s in run.cfg.model.sizes)} "
+             f"Network {' → '.join('×'.join(map(str, s)) for s in kinds.shapes(run.cfg.model))} "
              f"({run.cfg.model.activation}); saelab {m['version']}, commit {m['git_commit']}, "
              f"seed {m['seed']}.", "", "## Config overrides", ""]
     lines += [f"    {o}" for o in given] or ["None: the default config."]

@@ -20,7 +20,6 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
-from torch.nn import functional as F
 
 from saelab.nn.networks import AutoEncoder
 
@@ -36,19 +35,22 @@ def decode_stack(autoencoders: list[AutoEncoder], codes: torch.Tensor,
     """Decode top-layer `codes` through every decoder, the last autoencoder's first (the seed's
     whole-stack decoding: no activation between decoders, whose outputs are linear)."""
     for ae in reversed(autoencoders):
-        codes = ae.decode(codes) if bias else F.linear(codes, ae.decoder_weight)
+        codes = ae.decode(codes, bias)
     return codes
 
 
 @torch.no_grad()
 def unit_features(autoencoders: list[AutoEncoder]) -> torch.Tensor:
-    """Row j: hidden unit j of the top autoencoder in input space, the one-hot e_j decoded
+    """Row j: pictured unit j of the top autoencoder (`units`: every unit of a dense layer, each
+    channel's centre unit of a convolutional one) in input space, its one-hot code decoded
     through decoders k, ..., 1 with every bias removed (the seed's trick, so the biases do not
-    drown the feature). Equals column j of W_dec1 @ W_dec2 @ ... @ W_deck."""
+    drown the feature). For dense layers: column j of W_dec1 @ W_dec2 @ ... @ W_deck."""
     top = autoencoders[-1]
     weight = top.decoder_weight
-    eye = torch.eye(top.encoder.out_features, device=weight.device, dtype=weight.dtype)
-    return decode_stack(autoencoders, eye, bias=False)
+    units = top.units.to(weight.device)
+    one_hot = torch.zeros(len(units), top.sizes[1], device=weight.device, dtype=weight.dtype)
+    one_hot[torch.arange(len(units), device=weight.device), units] = 1
+    return decode_stack(autoencoders, one_hot, bias=False)
 
 
 def project(x: torch.Tensor, norm: float, bounds: tuple[float, float]) -> torch.Tensor:
@@ -128,6 +130,15 @@ def as_images(vectors: torch.Tensor) -> np.ndarray:
     return vectors.detach().float().cpu().numpy().reshape(n, side, side)
 
 
+def maps_row(codes: torch.Tensor, shape: tuple[int, int, int], count: int) -> torch.Tensor:
+    """(n, C*h*w) flat feature maps as (n, h, count*(w+1)-1) rows of their first `count`
+    channels side by side, a NaN column between channels."""
+    maps = codes.unflatten(1, shape)[:, :count]
+    gap = torch.full((*maps.shape[:2], shape[1], 1), float("nan"), device=codes.device,
+                     dtype=codes.dtype)
+    return torch.cat((maps, gap), 3).transpose(1, 2).flatten(2)[..., :-1]
+
+
 def strips(codes: torch.Tensor, unit_px: int) -> np.ndarray:
     """(n, d) codes as (n, TILE_PX, d * unit_px) heat strips: unit j is the j-th band."""
     return enlarge(codes.detach().float().cpu().numpy()[:, None, :], (TILE_PX, unit_px))
@@ -201,18 +212,25 @@ def render(fig: Figure) -> np.ndarray:
 def layer_panel(columns: list[tuple[str, torch.Tensor, bool]], labels: list[str],
                 limits: tuple[float, float], title: str, caption: str) -> Figure:
     """One row per sample and, side by side, one panel per (header, values, is_pixels) column:
-    pixels as gray images on `limits`, codes as heat strips (one numbered band per unit) on one
-    symmetric diverging scale shared by every strip, so that an input and its reconstruction
-    compare unit by unit. The panels are coloured here and drawn as one RGBA image in one axes:
-    with an axes per panel, laying out their ticks took about half of the figure's drawing."""
+    pixels as gray images on `limits`, codes on one symmetric diverging scale shared by every
+    code panel, so that an input and its reconstruction compare unit by unit. Flat codes (n, d)
+    are heat strips, one numbered band per unit; feature maps (n, h, w, from `maps_row`) are
+    images. The panels are coloured here and drawn as one RGBA image in one axes: with an axes
+    per panel, laying out their ticks took about half of the figure's drawing."""
     codes = [values for _, values, is_pixels in columns if not is_pixels]
-    unit_px = int(np.clip(STRIPS_PX // sum(c.shape[1] for c in codes), 2, 16))
-    scale = math.ceil(100 * max(float(c.abs().max()) for c in codes)) / 100
+    flat = [c for c in codes if c.ndim == 2]
+    unit_px = int(np.clip(STRIPS_PX // max(sum(c.shape[1] for c in flat), 1), 2, 16))
+    scale = math.ceil(100 * max(float(c.nan_to_num().abs().max()) for c in codes)) / 100
     strip_colours = ScalarMappable(Normalize(-scale, scale), DIVERGING)
     pixel_colours = ScalarMappable(Normalize(*limits), "gray")
     panels = []
     for _, values, is_pixels in columns:
-        cells = enlarge(as_images(values)) if is_pixels else strips(values, unit_px)
+        if is_pixels:
+            cells = enlarge(as_images(values))
+        elif values.ndim == 3:  # feature maps
+            cells = enlarge(values.float().cpu().numpy(), max(1, TILE_PX // values.shape[1]))
+        else:
+            cells = strips(values, unit_px)
         canvas, centres_y, _ = tile([[cell] for cell in cells], pad=12)
         # NaN gaps map to the colour maps' transparent "bad" colour, so the background shows;
         # 8-bit colours, which matplotlib resamples several times faster than float ones.
@@ -229,14 +247,15 @@ def layer_panel(columns: list[tuple[str, torch.Tensor, bool]], labels: list[str]
     ticks, minor = [], []
     for left, panel, (header, values, is_pixels) in zip(lefts, panels, columns, strict=True):
         ax.text(left + panel.shape[1] / 2, -6, header, ha="center", va="bottom", fontsize=9)
-        if not is_pixels:
+        if not is_pixels and values.ndim == 2:
             major, small = unit_ticks(values.shape[1], unit_px)
             ticks += [(left + x, label) for x, label in major]
             minor += [left + x for x in small]
     ax.set_xticks([x for x, _ in ticks], [label for _, label in ticks], fontsize=8)
     ax.set_xticks(minor, minor=True)
     ax.tick_params(axis="y", length=0)
-    ax.set_xlabel("unit (numbered within each strip)", fontsize=8, labelpad=2)
+    if flat:
+        ax.set_xlabel("unit (numbered within each strip)", fontsize=8, labelpad=2)
     fig.colorbar(strip_colours, ax=ax, shrink=0.5, label="code value of the unit")
     explain(fig, title, caption)
     return fig
