@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from saelab.config.schema import Arm
+from saelab.config.schema import Arm, Config
 from saelab.report.stats import mean_interval, mean_std, points_interval, points_spread
 from saelab.report.sweep import collect, groups, pairs
 
@@ -112,7 +112,7 @@ def blocks(m: dict) -> dict[str, str]:
             "other work."])
     if "default" in m:
         metrics = m["default"]["metrics"]
-        cfg = OmegaConf.create(metrics["config"])
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), metrics["config"])  # on the schema
         table = summary_table(cfg, metrics, Path("outputs/runs/<date>_<time>"))
         out["terminal"] = f"```\n{table}\n```"
     if "cae2" in m:

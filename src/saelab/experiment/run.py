@@ -100,11 +100,12 @@ class Run:
 
     @torch.no_grad()
     def encode(self, images, layer: int | None = None, stack: str = PRETRAINED,
-               scaled: bool = False) -> torch.Tensor:
+               scaled: bool = False, maps: bool = False) -> torch.Tensor:
         """The codes of hidden layer `layer` (1 = first; default the top) computed by `stack`
         (one of `stacks`: the pretrained encoders, or the encoders of fine-tuning or scratch), in
-        the recipe's own chunks (bit-identical to its evaluation on the CPU). `scaled`: `images`
-        are model inputs already, not raw pixels."""
+        the recipe's own chunks (bit-identical to its evaluation on the CPU), one flat row per
+        image. `scaled`: `images` are model inputs already, not raw pixels. `maps`: in the
+        layer's shape instead (`shape`: (channels, side, side) for a convolutional layer)."""
         n = len(self.autoencoders)
         layer = n if layer is None else layer
         if not 1 <= layer <= n:
@@ -113,7 +114,13 @@ class Run:
         if stack not in stacks:
             raise ConfigError("stack", stack, f"allowed: {', '.join(stacks)}")
         net = stacks[stack]
-        return in_chunks(lambda x: net.codes(x, layer), images if scaled else self.inputs(images))
+        codes = in_chunks(lambda x: net.codes(x, layer), images if scaled else self.inputs(images))
+        return codes.unflatten(1, self.shape(layer)) if maps else codes
+
+    def shape(self, layer: int | None = None) -> tuple[int, ...]:
+        """The shape of one image's codes at hidden layer `layer` (default the top): (units,)
+        for a dense layer, (channels, side, side) for a convolutional one."""
+        return tuple(self.autoencoders[(layer or len(self.autoencoders)) - 1].shapes[1])
 
     @torch.no_grad()
     def predict_proba(self, images, model: str = "finetune", scaled: bool = False

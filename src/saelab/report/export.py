@@ -5,9 +5,12 @@ N x 28 x 28 or N x 784 uint8 pixels, or an IDX file), it writes the codes of one
 the pretrained, fine-tuned or scratch stack and the class probabilities and predictions of the
 fine-tuned classifier:
 
-    codes_<part>  (N, d_layer) float32     proba_<part>  (N, k) float32
+    codes_<part>  (N, *shape) float32      proba_<part>  (N, k) float32
     pred_<part>   (N,) int64               labels_<part> (N,) int64, for the run's splits
     classes       the data set's classes (`data.classes`), in the order of the labels
+
+where `shape` is the layer's: (units,) for a dense layer, (channels, side, side) for the maps of a
+convolutional one.
 
 Nothing is written into the run folder unless `--out` points there.
 """
@@ -46,7 +49,8 @@ def read_images(path: Path) -> np.ndarray:
 def outputs(run: Run, part: str, x, layer: int | None, stack: str, scaled: bool) -> dict:
     """The arrays of one part: codes, probabilities and predictions."""
     proba = run.predict_proba(x, scaled=scaled)
-    return {f"codes_{part}": run.encode(x, layer, stack, scaled=scaled).cpu().numpy(),
+    return {f"codes_{part}": run.encode(x, layer, stack, scaled=scaled,
+                                                    maps=True).cpu().numpy(),
             f"proba_{part}": proba.cpu().numpy(), f"pred_{part}": proba.argmax(1).cpu().numpy()}
 
 
