@@ -1,4 +1,5 @@
 """saelab's default experiment written as a plain PyTorch loop: the benchmark's reference.
+It takes either kind of stack (model.kind: dense, or conv with saelab's convolutional autoencoder).
 
 Tensors in memory, index-sliced minibatches, no framework. It follows the composed config stage by
 stage with the same data (`load_splits`), networks, Adam, batch size, epochs, per-epoch cosine
@@ -19,9 +20,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from saelab.config import kinds
 from saelab.data.splits import load_splits
 from saelab.nn.evaluation import in_chunks, predict
-from saelab.nn.networks import AutoEncoder, StackedNet
+from saelab.nn.networks import AUTOENCODERS, StackedNet
 
 
 def fit(model: nn.Module, loss_fn: Callable, score_fn: Callable, x: torch.Tensor,
@@ -69,7 +71,7 @@ def run_plain(cfg, device: torch.device) -> dict:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     data = load_splits(cfg.data, cfg.seed, device)
-    k, sizes = len(data.classes), list(cfg.model.sizes)
+    k, sizes = len(data.classes), kinds.sizes(cfg.model)
     val = (data.val_x, data.val_y)
     seconds, test_acc = {}, {}
 
@@ -83,8 +85,8 @@ def run_plain(cfg, device: torch.device) -> dict:
     test_acc["baseline"] = accuracy(baseline)(data.test_x, data.test_y)
 
     autoencoders, initial, codes = [], [], (data.train_x, data.val_x)
-    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True), start=1):
-        ae = AutoEncoder(d_in, d_out, cfg.model.activation, cfg.model.tied).to(device)
+    for i, d_out in enumerate(sizes[1:], start=1):
+        ae = AUTOENCODERS[cfg.model.kind].of(cfg.model, i).to(device)
         initial.append(copy.deepcopy(ae))
         seconds[f"pretrain_layer{i}"] = fit(
             ae, lambda x, _y, ae=ae: F.mse_loss(ae(x), x),

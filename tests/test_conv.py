@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import compose_cfg, folder_state, run_cli
+from helpers import QUICK, compose_cfg, folder_state, run_cli
 
 import saelab
 from saelab.api import execute
@@ -23,11 +23,7 @@ from saelab.runs.folder import RunFolder
 # 7 x 7 (3 x 3, pooled by 2).
 CONV = ["model.kind=conv", "model.conv.channels=[4,6]", "model.conv.kernels=[5,3]",
         "model.conv.pools=[2,2]"]
-# debug=quick's sizes (a dense stack's) are refused with model.kind=conv: its other settings.
-SMALL = ["data.train_limit=600", "data.val_size=200", "data.test_limit=300",
-         "trainer.accelerator=cpu", "visualize.enabled=false", *(
-             f"{group}.epochs=1" for group in ("baseline", "pretrain", "probe", "finetune",
-                                               "scratch", "semisup"))]
+SMALL = [*QUICK, "semisup.epochs=1"]  # and model.sizes, which a conv stack does not read
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +128,6 @@ def test_each_conv_key_is_in_the_fingerprints_of_the_layers_it_shapes():
     (["model.conv.kernels=[4,3]"], "model.conv.kernels.0=4: must be odd"),
     (["model.conv.kernels=[5]"], "model.conv.kernels=[5]: must list 2 values"),
     (["model.conv.channels=[4,0]"], "model.conv.channels=[4, 0]"),
-    (["model.sizes=[784,100]"], "model.sizes=[784, 100]: is not read by model.kind=conv"),
     (["pretrain.noise.levels=[0.1]"], "pretrain.noise.levels=[0.1]: must be null or a list of "
                                       "2 levels"),
 ])

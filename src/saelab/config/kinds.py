@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from math import prod
 
-from saelab.config.schema import Kind, ModelConfig
+from saelab.config.schema import Kind
 from saelab.errors import ConfigError
 
 IMAGE = (1, 28, 28)  # the input of a convolutional stack: one channel of 28 x 28 pixels
@@ -92,9 +92,6 @@ class Conv:
                                   f"maps it pools, {side} (layer {i + 1}: 28 x 28 pooled by the "
                                   f"layers below)")
             side //= pool
-        if list(model.sizes) != ModelConfig().sizes:
-            raise ConfigError("model.sizes", list(model.sizes), "is not read by "
-                              "model.kind=conv (its layers are model.conv.*): leave it out")
 
     @staticmethod
     def macs(model, k: int) -> int:

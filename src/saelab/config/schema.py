@@ -194,7 +194,8 @@ class ConvConfig:
 
 @dataclass
 class ModelConfig:
-    kind: Kind = key(Kind.dense, "kind of autoencoder: dense (model.sizes) or conv (model.conv)")
+    kind: Kind = key(Kind.dense, "kind of autoencoder: dense (its layers: model.sizes) or conv "
+                     "(model.conv); the other kind's keys are not read")
     sizes: list[int] = key([784, 196, 49, 25, 9], "dense: layer sizes from the 784 pixels to the "
                            "top code; one autoencoder per consecutive pair", gt=0)
     conv: ConvConfig = key(ConvConfig(), "conv: the convolutional layers, one autoencoder each")

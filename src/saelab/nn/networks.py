@@ -63,6 +63,11 @@ class AutoEncoder(nn.Module):
         """The code units the pictures show, one per feature: here every unit."""
         return torch.arange(self.sizes[1])
 
+    @property
+    def filters(self) -> torch.Tensor | None:
+        """Filters to picture as images of their own, one row each (a dense layer has none)."""
+        return None
+
     def untrained(self) -> AutoEncoder:
         """A new untied autoencoder of its shape, its weights drawn from the random stream (the
         draws that saelab 0.3 made where scratch's starting network is rebuilt)."""
@@ -176,6 +181,13 @@ class ConvAutoEncoder(nn.Module):
     @property
     def decoder_bias_vector(self) -> torch.Tensor:
         return self.decoder_bias if self.tied else self.decoder.bias
+
+    @property
+    def filters(self) -> torch.Tensor | None:
+        """The filters, one flat square per row, where they see the pixels themselves (one input
+        channel: layer 1); None above, where a filter spans many maps."""
+        weight = self.encoder.weight
+        return weight.flatten(1) if weight.shape[1] == 1 else None
 
     def untrained(self) -> ConvAutoEncoder:
         return ConvAutoEncoder(self.encoder.shape_in, self.encoder.shape_out[0], self.kernel,

@@ -196,11 +196,11 @@ def feature_pictures(run, nets: dict[str, StackedNet],
         decoded = vis.unit_features(aes[:k])
         codes = in_chunks(lambda c, k=k: nets["pretrained"].layer(c, k), codes)  # layer k's
         constant = constant_units(codes[:, units])
-        if len(ae.shapes[0]) == 3 and ae.shapes[0][0] == 1:  # filters on the pixels themselves
-            side = ae.kernel
+        if ae.filters is not None:  # filters that see the pixels themselves
+            side = math.isqrt(ae.filters.shape[1])
             yield Picture(f"filters_layer{k}.png", f"pretrain/layer{k}/filters",
                           f"Layer {k} filters", vis.unit_grid(
-                              [ae.encoder.weight.flatten(1)],
+                              [ae.filters],
                               f"Layer {k}: its {n} filters, {side} × {side} pixels each",
                               f"Each numbered tile: the weights channel c multiplies the "
                               f"{side} × {side} pixels under it with, at every position of the "
