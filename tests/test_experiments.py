@@ -22,6 +22,7 @@ from helpers import (
 from omegaconf import OmegaConf
 
 from saelab.api import execute
+from saelab.config import kinds
 from saelab.config.compose import compose_raw
 from saelab.config.job import compose
 from saelab.experiment.stages import plan
@@ -60,7 +61,7 @@ def test_every_experiment_preset_runs_through_the_pipeline(name, tmp_path):
               *(["data.labels_per_class=5"] if preset.data.labels_per_class else []),
               *(["tune.trials=1"] if preset.tune.trials else [])]
     run = execute(compose([f"experiment={name}", *shrink]), tmp_path / "run")
-    assert [ae.encoder.out_features for ae in run.autoencoders] == list(preset.model.sizes)[1:]
+    assert [ae.sizes[1] for ae in run.autoencoders] == kinds.sizes(preset.model)[1:]
     data = run.splits()
     for stage in plan(run.cfg):
         assert (tmp_path / "run" / "checkpoints" / f"{stage.name}.pt").is_file()
