@@ -115,8 +115,9 @@ def blocks(m: dict) -> dict[str, str]:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), metrics["config"])  # on the schema
         table = summary_table(cfg, metrics, Path("outputs/runs/<date>_<time>"))
         out["terminal"] = f"```\n{table}\n```"
-    if "cae2" in m:
-        out["cae2"] = preset_table(m["cae2"])
+    for name in ("cae2", "conv_mnist", "conv_fashion"):  # the papers' presets, one run each
+        if name in m:
+            out[name] = preset_table(m[name])
     for name in ("study_wide", "study_default"):
         if name in m:
             out[name] = study_table(m[name])

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from saelab.api import execute
+from saelab.config import kinds
 from saelab.config.compose import compose_raw
 from saelab.config.job import compose
 from saelab.config.rules import validate
@@ -37,12 +38,16 @@ from saelab.runs.checkpoints import read_checkpoint
 MICRO = ["debug=quick", "model.sizes=[784,16,8,4]", "data.train_limit=300", "data.val_size=100",
          "data.test_limit=100", "data.batch_size=50", "visualize.actmax.steps=2",
          "visualize.embedding_points=10", "visualize.samples=[0,1]"]
+# The same with a convolutional stack of three layers (28 -> 14 -> 7 -> 7).
+CONV_MICRO = [*MICRO, "model.kind=conv", "model.conv.channels=[3,4,5]",
+              "model.conv.kernels=[3,3,3]", "model.conv.pools=[2,2,1]"]
+KINDS = pytest.mark.parametrize("micro_overrides", [MICRO, CONV_MICRO], ids=["dense", "conv"])
 SUMS = {"train-images-idx3-ubyte": "0"}  # any data checksums: fingerprints only
 # Keys that cannot change within one test process: where the run goes, and continuing one.
 FIXED = {"resume", "trainer.devices", "trainer.strategy"}
 # The keys `plan(cfg)` reads to decide which stages run (the depth, the arms, the tuned arms).
-PLAN_KEYS = {"model.sizes", "model.head", "scratch.epochs", "semisup.epochs", "tune.trials",
-             "tune.arms"}
+PLAN_KEYS = {"model.kind", "model.sizes", "model.conv.channels", "model.conv.pools", "model.head",
+             "scratch.epochs", "semisup.epochs", "tune.trials", "tune.arms"}
 
 
 def other_value(k: Key, value):
@@ -83,7 +88,7 @@ def perturbed(base: DictConfig, name: str, tmp: Path) -> tuple[DictConfig, list[
         elif current is None and str(k.type).startswith("list"):  # a null list: give one
             if any(d.startswith(f"{k.path}.") for d in declared):
                 continue
-            new = [0.1] * (len(cfg.model.sizes) - 1) if "float" in str(k.type) else [0, 1]
+            new = [0.1] * kinds.depth(cfg.model) if "float" in str(k.type) else [0, 1]
         elif OmegaConf.is_list(current):
             items = list(current)
             free = [i for i in range(len(items)) if f"{k.path}.{i}" not in declared]
@@ -125,10 +130,12 @@ def test_a_view_gives_declared_keys_typed_and_refuses_every_other():
 
 
 @pytest.mark.slow
-def test_changing_any_declared_key_changes_the_fingerprint():
-    micro = compose(MICRO)
+@KINDS
+def test_changing_any_declared_key_changes_the_fingerprint(micro_overrides):
+    micro = compose(micro_overrides)
     base = fingerprinted(micro, SUMS)
-    changed = functools.cache(lambda o: fingerprinted(compose_raw([*MICRO, o]), SUMS))  # valid or
+    changed = functools.cache(lambda o: fingerprinted(compose_raw([*micro_overrides, o]),
+                                                      SUMS))  # valid or
     for name, planned in base.items():  # not
         for key in planned.stage.keys:
             parent, _, last = key.rpartition(".")
@@ -141,7 +148,7 @@ def test_changing_any_declared_key_changes_the_fingerprint():
                     items[int(last)] = items[int(last)] + 1
                 new = f"[{','.join(map(str, items if last.isdigit() else items[:-1]))}]"
             elif value is None and last.isdigit():  # an element of a null list: give the list
-                new = f"[{','.join(['0.1'] * (len(micro.model.sizes) - 1))}]"
+                new = f"[{','.join(['0.1'] * kinds.depth(micro.model))}]"
             else:
                 new = other_value(k, value.value if isinstance(value, StrEnum) else value)
             if new is None:
@@ -154,8 +161,10 @@ def test_changing_any_declared_key_changes_the_fingerprint():
 
 
 @pytest.mark.slow
-def test_keys_a_stage_does_not_declare_leave_its_trained_weights_bit_identical(tmp_path):
-    cfg = compose(MICRO)
+@KINDS
+def test_keys_a_stage_does_not_declare_leave_its_trained_weights_bit_identical(tmp_path,
+                                                                               micro_overrides):
+    cfg = compose(micro_overrides)
     reference = tmp_path / "reference"
     execute(cfg, reference)
     want = fingerprinted(cfg, SUMS)

@@ -62,7 +62,8 @@ class Conv:
     def shapes(model, n: int | None = None) -> list[tuple[int, ...]]:
         conv = model.conv
         out = [IMAGE]
-        for i in range(len(conv.channels) if n is None else n):
+        # (A config not yet checked may list fewer pools than channels: as many layers as both.)
+        for i in range(min(len(conv.channels), len(conv.pools)) if n is None else n):
             out.append((int(conv.channels[i]), out[-1][1] // conv.pools[i],
                         out[-1][1] // conv.pools[i]))
         return out

@@ -223,7 +223,7 @@ def feature_pictures(run, nets: dict[str, StackedNet],
                 f"(right)",
                 f"Each numbered cell, one unit. Left: its decoded feature (as in "
                 f"features_layer{k}.png). Right: its activation maximiser, {method}; mean "
-                f"activation reached {reached:.2f}. {tiles}{constant}\n{why_noisy(run)}"))
+                f"activation reached {reached:.2f}. {tiles}{constant}\n{why_noisy(run, ae)}"))
         yield Picture(
             f"features_layer{k}_finetuned_actmax.png", f"finetune/layer{k}/actmax",
             f"Layer {k} {noun}s before and after fine-tuning: inputs maximising each {noun}",
@@ -249,8 +249,14 @@ def pictured(ae) -> tuple[str, str]:
                        "shifted, so the centre one shows the channel's pattern")
 
 
-def why_noisy(run) -> str:
+def why_noisy(run, ae) -> str:
     """Why the pretrained maximisers look like pixel noise beside the decoded features."""
+    if len(ae.shapes[1]) == 3:
+        return ("A channel's maximiser only moves the pixels its centre unit sees (its receptive "
+                "field, around the image's centre), mostly to the ends of the pixel range: "
+                "maximum pooling rewards the strongest response anywhere in each window, which a "
+                "saturated checkerboard of the filter's signs gives. Outside the field the input "
+                "keeps its small random start.")
     if run.cfg.model.tied:
         return ("With tied weights a layer-1 unit's two tiles show the same weights: its "
                 "maximiser is its encoder weight vector scaled, its decoded feature the same "
