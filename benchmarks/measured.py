@@ -118,6 +118,9 @@ def blocks(m: dict) -> dict[str, str]:
     for name in ("cae2", "conv_mnist", "conv_fashion"):  # the papers' presets, one run each
         if name in m:
             out[name] = preset_table(m[name])
+    if "conv_mnist_seeds" in m:  # the preset over seeds: every stage in each job
+        out["conv_mnist_seeds"] = study_table(m["conv_mnist_seeds"])
+        out["conv_mnist_seeds_time"] = study_time(m["conv_mnist_seeds"], "")
     for name in ("study_wide", "study_default"):
         if name in m:
             out[name] = study_table(m[name])
@@ -166,11 +169,11 @@ def jobs_table(entry: dict, keys: list[str], columns: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def study_time(entry: dict) -> str:
+def study_time(entry: dict, note: str = ", the first of each seed pretraining") -> str:
     seconds = [s for g in entry["groups"] for s in g["seconds"] if s]
     return (f"{len(seconds)} jobs, {sum(seconds) / 60:.0f} minutes of the jobs' own times "
-            f"summed (each {min(seconds):.0f}-{max(seconds):.0f} s, the first of each seed "
-            f"pretraining; the sweep's start adds seconds); CPU: {entry['cpu']}, default threads.")
+            f"summed (each {min(seconds):.0f}-{max(seconds):.0f} s{note}; the sweep's start adds "
+            f"seconds); CPU: {entry['cpu']}, default threads.")
 
 
 def study_table(entry: dict, suffix: str = "test_acc") -> str:

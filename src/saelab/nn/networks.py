@@ -1,4 +1,6 @@
-"""The networks: one autoencoder per hidden layer, and the stacked network their encoders make.
+"""The networks: one autoencoder per hidden layer, of a kind (`AUTOENCODERS`: dense or
+convolutional), and the stacked network their encoders make. Every layer's codes are flat rows,
+whatever their shape (saelab.config.kinds).
 
 `StackedNet` is the one type every deep network here is: the pixel baseline (no encoder), a probe's
 head, the pretrained stack, the fine-tuned and the scratch networks. Whoever needs a part of one
@@ -238,9 +240,10 @@ AUTOENCODERS = {Kind.dense: AutoEncoder, Kind.conv: ConvAutoEncoder}
 
 
 class StackedNet(nn.Module):
-    """Encoders stacked in the sizes `sizes` (784, 196, ...: layer k maps sizes[k-1] to sizes[k],
-    then the activation), topped by a linear head giving `n_classes` logits (no head when None:
-    a stack that only computes codes). With `sizes` of one entry it is a linear classifier.
+    """Encoders stacked in the flat sizes `sizes` (784, 196, ...: layer k maps sizes[k-1] to
+    sizes[k], then the activation), topped by a linear head giving `n_classes` logits (no head
+    when None: a stack that only computes codes). With `sizes` of one entry it is a linear
+    classifier. The encoders are Linear layers unless given (`encoders`: a convolutional stack's).
 
     Parameters are created encoders first, bottom up, then the head: the order in which their
     initial weights are drawn from the random stream (and the order saelab 0.3 drew them in).

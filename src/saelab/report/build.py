@@ -166,7 +166,7 @@ def layer_words(shape: tuple[int, ...]) -> str:
     if len(shape) == 1:
         return f"{shape[0]} units"
     channels, side, _ = shape
-    return f"{channels} maps of {side} × {side}"
+    return f"{channels} maps of {side} × {side} (0-{min(channels, MAPS) - 1} shown)"
 
 
 def drawn(codes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

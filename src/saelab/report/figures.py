@@ -300,7 +300,8 @@ def unit_grid(sets: list[torch.Tensor], title: str, caption: str) -> Figure:
     tiles = np.stack([as_images(normalise_tiles(s)) for s in sets], 1)  # (units, sets, h, w)
     n, k, h, w = tiles.shape
     # About GRID_PX squared in all (so the 196 pairs of layer 1 stay at 28 pixels a tile).
-    factor = int(np.clip(GRID_PX / (w * math.sqrt(n * k)), 1, 5))
+    # (Small tiles, like 5 x 5 filters, may grow to about TILE_PX.)
+    factor = int(np.clip(GRID_PX / (w * math.sqrt(n * k)), 1, max(5, TILE_PX // w)))
     gap = np.full((h * factor, 2 * factor), np.nan, dtype=np.float32)  # a cell's tiles apart
     band = np.full((LABEL_PX, (k * w + 2 * k - 2) * factor), np.nan, dtype=np.float32)
     cells = [np.vstack([band, np.hstack([c for t in enlarge(unit, factor) for c in (gap, t)][1:])])
