@@ -185,7 +185,7 @@ class DataConfig:
 
 @dataclass
 class ConvConfig:
-    channels: list[int] = key([32, 64], "feature maps of each convolutional layer, bottom first",
+    channels: list[int] = key([16, 32], "feature maps of each convolutional layer, bottom first",
                               gt=0)
     kernels: list[int] = key([5, 5], "odd kernel side of each layer ('same' padding)", gt=0)
     pools: list[int] = key([2, 2], "max-pooling window and stride of each layer (1: none); "
@@ -200,7 +200,8 @@ class ModelConfig:
                            "top code; one autoencoder per consecutive pair", gt=0)
     conv: ConvConfig = key(ConvConfig(), "conv: the convolutional layers, one autoencoder each")
     activation: Activation = key(Activation.tanh, "hidden units")
-    tied: bool = key(False, "decoder weight = encoder weight transposed (own bias)")
+    tied: bool = key(False, "decoder weight = encoder weight transposed (conv: the encoder's "
+                     "filters in the transposed convolution); own bias")
     head: HeadInit = key(HeadInit.probe, "how the deep networks' classifier head starts, one "
                          "rule for fine-tuning, scratch and semi-supervised: probe (a linear head "
                          "trained on the frozen stack it tops), zero, or random (the probe's "
