@@ -147,18 +147,19 @@ def reconstruction_pictures(run, stack: StackedNet, samples) -> Iterator[Picture
                                       f"Layer {k} autoencoder, {d_in} → {d_out} → {d_in}: "
                                       f"input, code and reconstruction of test images", how))
         inputs = ae.encoder(inputs) if linear else hidden
-    squash = aes[0].activation
+    squash, then = aes[0].activation, type(aes[0].activation).__name__
+    if isinstance(squash, torch.nn.ReLU):  # it would blank every dark pixel: clip to the range
+        squash, then = (lambda v: v.clamp(*pixels)), "clipped to the pixel range"
     yield Picture("stack_reconstruction.png", "stack/reconstruction",
-                  f"Whole stack: encoded through every layer, decoded back, then "
-                  f"{type(squash).__name__}",
+                  f"Whole stack: encoded through every layer, decoded back, then {then}",
                   vis.image_pairs(x, squash(vis.decode_stack(aes, stack.codes(x))), labels,
                                   ("original", "stack output"), pixels,
-                                  f"Encoded to {aes[-1].encoder.out_features} codes and decoded "
-                                  f"back through every decoder, then {type(squash).__name__}",
+                                  f"Encoded to {aes[-1].sizes[1]} codes and decoded back "
+                                  f"through every decoder, then {then}",
                                   f"Each column: one test image (above) and what the whole "
                                   f"pretrained stack makes of it (below): encoded through all "
                                   f"{len(aes)} encoders, decoded through decoders "
-                                  f"{len(aes)} to 1, then {type(squash).__name__}. {gray}"))
+                                  f"{len(aes)} to 1, then {then}. {gray}"))
 
 
 def layer_words(shape: tuple[int, ...]) -> str:
@@ -343,17 +344,21 @@ def markdown_report(run, figures: list[Picture]) -> str:
         mse = [f"{layer[key]:.4f}" if key in layer else "–"
                for key in ("train_recon_mse", "val_recon_mse", "test_recon_mse")]
         contraction = f"{layer['val_contraction']:.3g}" if "val_contraction" in layer else "–"
-        lines.append(f"| {k} | {layer['in']} → {layer['out']} | {' | '.join(mse)} | "
+        maps = layer.get("shape", [])
+        shape = f" ({'×'.join(map(str, maps))})" if len(maps) == 3 else ""
+        lines.append(f"| {k} | {layer['in']} → {layer['out']}{shape} | {' | '.join(mse)} | "
                      f"{contraction} | {layer['seconds']:.1f} s |")
     lines += ["", f"Training time, all stages: {training_seconds(run):.1f} s.", "", "## Figures",
               "", f"Layers are numbered from 1 (input side first); {vis.UNIT_NUMBERING}, in "
-              "every figure and in TensorBoard's images, which are the same figures. Codes are "
-              "drawn as heat strips, one band per unit, since their units have no spatial "
-              "layout. In the unit grids (`features_layer*.png`) every tile is divided by its own "
-              "largest absolute value: red positive, blue negative, white zero. Each figure "
-              "says below it how to read it; the `*_actmax.png` grids pair each unit's "
-              "activation maximiser with its decoded feature (pretrained stack) or with its "
-              "pretrained maximiser (fine-tuned network).", ""]
+              "every figure and in TensorBoard's images, which are the same figures. Dense "
+              "codes are drawn as heat strips, one band per unit, since their units have no "
+              "spatial layout; a convolutional layer's codes are feature maps, drawn as images, "
+              "and its units are pictured channel by channel. In the unit grids "
+              "(`features_layer*.png`) every tile is divided by its own largest absolute value: "
+              "red positive, blue negative, white zero. Each figure says below it how to read "
+              "it; the `*_actmax.png` grids pair each unit's activation maximiser with its "
+              "decoded feature (pretrained stack) or with its pretrained maximiser (fine-tuned "
+              "network).", ""]
     for picture in figures:
         lines += [f"### {picture.caption}", "", f"![{picture.caption}]({FIGURES}/{picture.file})",
                   ""]
