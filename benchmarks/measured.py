@@ -118,6 +118,8 @@ def blocks(m: dict) -> dict[str, str]:
     for name in ("cae2", "conv_mnist", "conv_fashion"):  # the papers' presets, one run each
         if name in m:
             out[name] = preset_table(m[name])
+    if {"conv_mnist_seeds", "conv_fashion"} <= m.keys():
+        out["conv"] = conv_table(m["conv_mnist_seeds"], m["conv_fashion"])
     if "conv_mnist_seeds" in m:  # the preset over seeds: every stage in each job
         out["conv_mnist_seeds"] = study_table(m["conv_mnist_seeds"])
         out["conv_mnist_seeds_time"] = study_time(m["conv_mnist_seeds"], "")
@@ -155,6 +157,30 @@ def preset_table(entry: dict) -> str:
         "| " + " | ".join(cells) + " |", "",
         f"Seed {metrics['seed']}, saelab {metrics['version']}; CPU: {entry['cpu']}, default "
         "threads."])
+
+
+def conv_table(seeds: dict, fashion: dict) -> str:
+    """The README's table of the convolutional presets: test error of the fine-tuned network and
+    of scratch, over seeds (mean ± std) on MNIST, one run on Fashion-MNIST, and the times."""
+    group = seeds["groups"][0]
+
+    def error(column: str) -> str:
+        mean, sd = group["mean_std"][column]
+        return f"{100 * (1 - mean):.2f}% ± {100 * sd:.2f}"
+
+    times = [t for t in group["seconds"] if t]
+    metrics = fashion["metrics"]
+    rows = [(f"`{seeds['command']}`", f"**{error('finetune_test_acc')}**",
+             error("scratch_test_acc"), f"{min(times):.0f}-{max(times):.0f} s each"),
+            (f"`{fashion['command']}`",
+             f"**{100 * (1 - metrics['finetune']['test_acc']):.2f}%**",
+             f"{100 * (1 - metrics['scratch']['test_acc']):.2f}%",
+             f"{metrics['timings']['total_s']:.0f} s")]
+    return "\n".join([
+        "| command | fine-tuned test error | scratch | time |", "| --- | --- | --- | --- |",
+        *("| " + " | ".join(row) + " |" for row in rows), "",
+        f"MNIST: mean ± standard deviation over the {group['n']} seeds; Fashion-MNIST: seed 0. "
+        f"CPU: {fashion['cpu']}, default threads."])
 
 
 def jobs_table(entry: dict, keys: list[str], columns: dict[str, str]) -> str:

@@ -3,6 +3,8 @@ a finished conv run read back, and its pictures, on real MNIST slices."""
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from saelab.nn.evaluation import in_chunks
 from saelab.nn.networks import ACTIVATIONS, ConvAutoEncoder, StackedNet
 from saelab.report.build import build_report
 from saelab.report.export import main as encode_main
+from saelab.report.robustness import main as robustness
 from saelab.runs.folder import RunFolder
 
 # Two small convolutional layers: 4 maps of 14 x 14 (5 x 5 filters, pooled by 2), then 6 maps of
@@ -98,6 +101,14 @@ def test_a_finished_conv_run_loads_read_only_and_encodes_what_the_run_computed(c
     with np.load(out) as arrays:
         assert arrays["codes_test"].shape == (len(data.test_y), 4, 14, 14)
     assert folder_state(conv_run.dir) == before
+
+
+def test_the_robustness_study_reads_a_conv_run(conv_run, tmp_path):
+    robustness([str(conv_run.dir), "--out", str(tmp_path)])
+    rows = list(csv.DictReader((tmp_path / "robustness.csv").open()))
+    clean = {r["model"]: float(r["test_acc"]) for r in rows
+             if r["noise"] == "gaussian" and float(r["level"]) == 0}
+    assert clean["stacked conv AE"] == pytest.approx(conv_run.metrics["finetune"]["test_acc"])
 
 
 def test_each_conv_key_is_in_the_fingerprints_of_the_layers_it_shapes():

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from saelab.config.rules import check_folder
-from saelab.config.schema import Noise, Pixels
+from saelab.config.schema import Kind, Noise, Pixels
 from saelab.data.splits import PIXEL_SCALES
 from saelab.data.transforms import corrupt
 from saelab.errors import ConfigError
@@ -43,13 +43,14 @@ def noisy(x: torch.Tensor, kind: str, level: float, pixels: str) -> torch.Tensor
 
 
 def describe(cfg: DictConfig) -> str:
-    """A legend label for a run's fine-tuned network: plain or denoising, with its noise."""
-    noise = cfg.pretrain.noise
+    """A legend label for a run's fine-tuned network: plain or denoising, with its noise, and
+    convolutional or not."""
+    noise, ae = cfg.pretrain.noise, "conv AE" if cfg.model.kind == Kind.conv else "AE"
     if noise.kind == Noise.none:
-        return "stacked AE"
+        return f"stacked {ae}"
     levels = noise.get("levels")
     level = "/".join(f"{v:g}" for v in levels) if levels else f"{noise.level:g}"
-    return f"denoising AE ({noise.kind} {level})"
+    return f"denoising {ae} ({noise.kind} {level})"
 
 
 def measure(run_dirs: list[Path], device: str = "cpu") -> list[dict]:
