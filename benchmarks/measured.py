@@ -174,7 +174,8 @@ def conv_table(seeds: dict, fashion: dict) -> str:
              error("scratch_test_acc"), f"{min(times):.0f}-{max(times):.0f} s each"),
             (f"`{fashion['command']}`",
              f"**{100 * (1 - metrics['finetune']['test_acc']):.2f}%**",
-             f"{100 * (1 - metrics['scratch']['test_acc']):.2f}%",
+             f"{100 * (1 - metrics['scratch']['test_acc']):.2f}%" if "scratch" in metrics
+             else "–",
              f"{metrics['timings']['total_s']:.0f} s")]
     return "\n".join([
         "| command | fine-tuned test error | scratch | time |", "| --- | --- | --- | --- |",
