@@ -46,8 +46,9 @@ SUMS = {"train-images-idx3-ubyte": "0"}  # any data checksums: fingerprints only
 # Keys that cannot change within one test process: where the run goes, and continuing one.
 FIXED = {"resume", "trainer.devices", "trainer.strategy"}
 # The keys `plan(cfg)` reads to decide which stages run (the depth, the arms, the tuned arms).
-PLAN_KEYS = {"model.kind", "model.sizes", "model.conv.channels", "model.conv.pools", "model.head",
-             "scratch.epochs", "semisup.epochs", "tune.trials", "tune.arms"}
+PLAN_KEYS = {"model.kind", "model.sizes", "model.conv.channels", "model.conv.kernels",
+             "model.conv.pools", "model.head", "scratch.epochs", "semisup.epochs", "tune.trials",
+             "tune.arms"}
 
 
 def other_value(k: Key, value):

@@ -62,8 +62,11 @@ class Conv:
     def shapes(model, n: int | None = None) -> list[tuple[int, ...]]:
         conv = model.conv
         out = [IMAGE]
-        # (A config not yet checked may list fewer pools than channels: as many layers as both.)
-        for i in range(min(len(conv.channels), len(conv.pools)) if n is None else n):
+        # (A config not yet checked may list fewer kernels or pools than channels: as many
+        # layers as every list describes.)
+        if n is None:
+            n = min(len(conv.channels), len(conv.kernels), len(conv.pools))
+        for i in range(n):
             out.append((int(conv.channels[i]), out[-1][1] // conv.pools[i],
                         out[-1][1] // conv.pools[i]))
         return out
