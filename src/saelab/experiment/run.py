@@ -28,7 +28,7 @@ from saelab.experiment.reuse import RUN_DIR, finished_stages
 from saelab.experiment.stages import plan
 from saelab.experiment.state import Experiment
 from saelab.nn.evaluation import in_chunks
-from saelab.nn.networks import AutoEncoder, StackedNet
+from saelab.nn.networks import LayerAutoEncoder, StackedNet
 from saelab.runs.folder import RunFolder
 
 PRETRAINED = "pretrain"  # the stack of pretrained encoders, as the probe reads it
@@ -42,7 +42,7 @@ class Run:
     dir: Path
     cfg: DictConfig
     metrics: dict
-    autoencoders: list[AutoEncoder]
+    autoencoders: list[LayerAutoEncoder]
     networks: dict[str, StackedNet]
     device: torch.device
     data: Splits | None = None

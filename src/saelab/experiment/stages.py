@@ -24,7 +24,7 @@ from saelab.data.transforms import corrupt
 from saelab.experiment.keys import DATA, LABEL_KEYS, NUMERICS, View, group_keys
 from saelab.experiment.state import Experiment
 from saelab.nn.evaluation import CHUNK, classifier_metrics, in_chunks
-from saelab.nn.networks import AUTOENCODERS, AutoEncoder, StackedNet
+from saelab.nn.networks import AUTOENCODERS, LayerAutoEncoder, StackedNet
 from saelab.seeds import substream
 
 if TYPE_CHECKING:  # the stages' builders import Lightning (nn.modules) when they run: reading the
@@ -111,7 +111,7 @@ class Stage:
         self.keep(experiment, model.to(experiment.device).eval(), settings)
 
 
-def deep_network(experiment: Experiment, autoencoders: list[AutoEncoder]) -> StackedNet:
+def deep_network(experiment: Experiment, autoencoders: list[LayerAutoEncoder]) -> StackedNet:
     """The stacked encoders of `autoencoders` topped by a fresh linear head."""
     return StackedNet.from_autoencoders(autoencoders, experiment.n_classes)
 
@@ -183,20 +183,21 @@ class PretrainLayer(Stage):
         """What masking sets inputs to: black pixels for layer 1, zero codes above."""
         return experiment.data.background if self.k == 1 else 0.0
 
-    def model(self, experiment: Experiment, settings: View) -> AutoEncoder:
+    def model(self, experiment: Experiment, settings: View) -> LayerAutoEncoder:
         model = settings.model
         ae = AUTOENCODERS[model.kind].of(model, self.k)
         experiment.initial.append(copy.deepcopy(ae.encoder.state_dict()))  # where scratch starts
         return ae
 
-    def module(self, experiment: Experiment, model: AutoEncoder, settings: View) -> StageModule:
+    def module(self, experiment: Experiment, model: LayerAutoEncoder, settings: View
+               ) -> StageModule:
         from saelab.nn.modules import AutoencoderModule
 
         return AutoencoderModule(model, settings.pretrain, self.label, f"pretrain/layer{self.k}",
                                  background=self.background(experiment),
                                  noise_level=self.level(settings))
 
-    def keep(self, experiment: Experiment, model: AutoEncoder, settings: View) -> None:
+    def keep(self, experiment: Experiment, model: LayerAutoEncoder, settings: View) -> None:
         experiment.autoencoders.append(model.eval())
 
     def metrics(self, experiment: Experiment, module: StageModule, settings: View) -> dict:

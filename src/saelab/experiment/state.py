@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig
 
 from saelab.data.splits import Splits
-from saelab.nn.networks import AutoEncoder, StackedNet
+from saelab.nn.networks import LayerAutoEncoder, StackedNet
 
 
 @dataclass
@@ -20,7 +20,7 @@ class Experiment:
     cfg: DictConfig
     device: torch.device
     data: Splits | None = None
-    autoencoders: list[AutoEncoder] = field(default_factory=list)
+    autoencoders: list[LayerAutoEncoder] = field(default_factory=list)
     initial: list[dict] = field(default_factory=list)  # each encoder's initial weights
     layer_inputs: tuple[torch.Tensor, ...] = ()  # the train/val/test inputs of the last layer
     networks: dict[str, StackedNet] = field(default_factory=dict)  # by stage name

@@ -10,6 +10,7 @@ nothing outside this module indexes into a network.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import islice, pairwise
 from math import prod
 
@@ -26,7 +27,45 @@ SLOPES = {nn.Tanh: lambda h: 1 - h * h, nn.Sigmoid: lambda h: h * (1 - h),
           nn.ReLU: lambda h: (h > 0).to(h.dtype)}
 
 
-class AutoEncoder(nn.Module):
+class LayerAutoEncoder(nn.Module):
+    """What every kind of autoencoder shares: its `encoder` (a module from flat inputs to flat
+    pre-activations, with `in_features` and `out_features`), the activation, and a decoder of its
+    own (`decoder()` builds it, after the encoder, in the order the random stream draws them) or,
+    with `tied`, the encoder's weights and a bias of `bias` values of its own. Each kind says how
+    it decodes (`decode`, `decoder_weight`)."""
+
+    def __init__(self, encoder: nn.Module, activation: str, tied: bool,
+                 decoder: Callable[[], nn.Module], bias: int):
+        super().__init__()
+        self.encoder = encoder
+        self.activation_name = activation
+        self.activation = ACTIVATIONS[activation]()
+        self.tied = tied
+        if tied:
+            self.decoder_bias = nn.Parameter(torch.zeros(bias))
+        else:
+            self.decoder = decoder()
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """(inputs, codes), flat."""
+        return self.encoder.in_features, self.encoder.out_features
+
+    @property
+    def decoder_bias_vector(self) -> torch.Tensor:
+        return self.decoder_bias if self.tied else self.decoder.bias
+
+    def decode(self, h: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.encoder(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+class AutoEncoder(LayerAutoEncoder):
     """Linear(d_in, d_out) -> activation -> Linear(d_out, d_in), the decoder output left linear.
 
     With `tied`, the decoder reuses the encoder's weight transposed (same storage) and keeps its own
@@ -35,25 +74,13 @@ class AutoEncoder(nn.Module):
     """
 
     def __init__(self, d_in: int, d_out: int, activation: str = "tanh", tied: bool = False):
-        super().__init__()
-        self.encoder = nn.Linear(d_in, d_out)
-        self.activation_name = activation
-        self.activation = ACTIVATIONS[activation]()
-        self.tied = tied
-        if tied:
-            self.decoder_bias = nn.Parameter(torch.zeros(d_in))
-        else:
-            self.decoder = nn.Linear(d_out, d_in)
+        super().__init__(nn.Linear(d_in, d_out), activation, tied,
+                         lambda: nn.Linear(d_out, d_in), d_in)
 
     @classmethod
     def of(cls, model, k: int) -> AutoEncoder:
         """Layer k as `model` (the config's model group, or a stage's view of it) declares it."""
         return cls(model.sizes[k - 1], model.sizes[k], model.activation, model.tied)
-
-    @property
-    def sizes(self) -> tuple[int, int]:
-        """(inputs, codes)."""
-        return self.encoder.in_features, self.encoder.out_features
 
     @property
     def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -83,20 +110,10 @@ class AutoEncoder(nn.Module):
     def decoder_weight(self) -> torch.Tensor:
         return self.encoder.weight.t() if self.tied else self.decoder.weight
 
-    @property
-    def decoder_bias_vector(self) -> torch.Tensor:
-        return self.decoder_bias if self.tied else self.decoder.bias
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.encoder(x))
-
     def decode(self, h: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """The reconstruction's logits (its values, with the mse loss); `bias=False`: the
         decoder's linear part alone (what the pictures decode features with)."""
         return F.linear(h, self.decoder_weight, self.decoder_bias_vector if bias else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
 
     def contraction(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """The squared Frobenius norm of the encoder's Jacobian at each input `x`, ||dh/dx||^2,
@@ -136,7 +153,7 @@ class ConvEncoder(nn.Module):
         return (F.max_pool2d(y, self.pool) if self.pool > 1 else y).flatten(1)
 
 
-class ConvAutoEncoder(nn.Module):
+class ConvAutoEncoder(LayerAutoEncoder):
     """A convolutional autoencoder (Masci et al. 2011): ConvEncoder -> activation; the decoder
     unpools (each code fills its pooling window) and convolves back to the input's channels by a
     transposed convolution, its output left linear. With `tied`, the transposed convolution uses
@@ -144,15 +161,10 @@ class ConvAutoEncoder(nn.Module):
 
     def __init__(self, shape_in: tuple[int, int, int], channels: int, kernel: int, pool: int,
                  activation: str = "tanh", tied: bool = False):
-        super().__init__()
-        self.encoder = ConvEncoder(shape_in, channels, kernel, pool)
-        self.activation_name = activation
-        self.activation = ACTIVATIONS[activation]()
-        self.tied, self.kernel, self.pool = tied, kernel, pool
-        if tied:
-            self.decoder_bias = nn.Parameter(torch.zeros(shape_in[0]))
-        else:
-            self.decoder = nn.ConvTranspose2d(channels, shape_in[0], kernel, padding=kernel // 2)
+        super().__init__(ConvEncoder(shape_in, channels, kernel, pool), activation, tied,
+                         lambda: nn.ConvTranspose2d(channels, shape_in[0], kernel,
+                                                    padding=kernel // 2), shape_in[0])
+        self.kernel, self.pool = kernel, pool
 
     @classmethod
     def of(cls, model, k: int) -> ConvAutoEncoder:
@@ -160,10 +172,6 @@ class ConvAutoEncoder(nn.Module):
         return cls(Conv.shapes(model, k - 1)[-1], model.conv.channels[k - 1],
                    model.conv.kernels[k - 1], model.conv.pools[k - 1], model.activation,
                    model.tied)
-
-    @property
-    def sizes(self) -> tuple[int, int]:
-        return self.encoder.in_features, self.encoder.out_features
 
     @property
     def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -181,10 +189,6 @@ class ConvAutoEncoder(nn.Module):
         return self.encoder.weight if self.tied else self.decoder.weight
 
     @property
-    def decoder_bias_vector(self) -> torch.Tensor:
-        return self.decoder_bias if self.tied else self.decoder.bias
-
-    @property
     def filters(self) -> torch.Tensor | None:
         """The filters, one flat square per row, where they see the pixels themselves (one input
         channel: layer 1); None above, where a filter spans many maps."""
@@ -199,9 +203,6 @@ class ConvAutoEncoder(nn.Module):
         return ConvEncoder(self.encoder.shape_in, self.encoder.shape_out[0], self.kernel,
                            self.pool)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.encoder(x))
-
     def decode(self, h: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """The reconstruction's logits, flat; `bias=False`: without the decoder's bias."""
         maps = h.unflatten(1, self.encoder.shape_out)
@@ -210,9 +211,6 @@ class ConvAutoEncoder(nn.Module):
         return F.conv_transpose2d(maps, self.decoder_weight,
                                   self.decoder_bias_vector if bias else None,
                                   padding=self.kernel // 2).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
 
     def contraction(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """||dh/dx||^2 averaged over the minibatch, in closed form. Unit (c, i, j) is s'(a)
@@ -261,7 +259,8 @@ class StackedNet(nn.Module):
         self.head = nn.Linear(self.sizes[-1], n_classes) if n_classes is not None else None
 
     @classmethod
-    def from_autoencoders(cls, autoencoders: list, n_classes: int | None) -> StackedNet:
+    def from_autoencoders(cls, autoencoders: list[LayerAutoEncoder], n_classes: int | None
+                          ) -> StackedNet:
         """The stack of `autoencoders`' encoders (copies of their weights), with a fresh head."""
         sizes = [autoencoders[0].sizes[0], *(ae.sizes[1] for ae in autoencoders)]
         encoders = [ae.new_encoder() for ae in autoencoders]

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from saelab.nn.networks import AutoEncoder
+from saelab.nn.networks import LayerAutoEncoder
 
 DIVERGING = "RdBu_r"
 
@@ -30,7 +30,7 @@ DIVERGING = "RdBu_r"
 # The maths
 
 
-def decode_stack(autoencoders: list[AutoEncoder], codes: torch.Tensor,
+def decode_stack(autoencoders: list[LayerAutoEncoder], codes: torch.Tensor,
                  bias: bool = True) -> torch.Tensor:
     """Decode top-layer `codes` through every decoder, the last autoencoder's first (the seed's
     whole-stack decoding: no activation between decoders, whose outputs are linear)."""
@@ -40,7 +40,7 @@ def decode_stack(autoencoders: list[AutoEncoder], codes: torch.Tensor,
 
 
 @torch.no_grad()
-def unit_features(autoencoders: list[AutoEncoder]) -> torch.Tensor:
+def unit_features(autoencoders: list[LayerAutoEncoder]) -> torch.Tensor:
     """Row j: pictured unit j of the top autoencoder (`units`: every unit of a dense layer, each
     channel's centre unit of a convolutional one) in input space, its one-hot code decoded
     through decoders k, ..., 1 with every bias removed (the seed's trick, so the biases do not
