@@ -192,3 +192,35 @@ def test_reading_the_registry_imports_no_lightning():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+@KINDS
+@pytest.mark.parametrize("labels", [None, 3], ids=["every label", "3 labels per class"])
+def test_the_codes_pretraining_hands_on_are_the_frozen_stacks(micro_overrides, labels):
+    """Each pretrained layer computes its codes of every split once (PretrainLayer.keep): the
+    next layer learns from them, its metrics decode them, and its probe reads them when every
+    image is labelled. They must be, bit for bit, what the frozen stack computes from the
+    pixels, as a probe computes them otherwise."""
+    from saelab.data.splits import load_splits
+    from saelab.experiment.state import Experiment
+    from saelab.nn.evaluation import in_chunks
+    from saelab.nn.networks import StackedNet
+
+    cfg = compose([*micro_overrides, f"data.labels_per_class={labels or 'null'}"])
+    data = load_splits(cfg.data, cfg.seed, "cpu")
+    experiment = Experiment(cfg, torch.device("cpu"), data)
+    stages = fingerprinted(cfg, data.checksums)
+    for k in range(1, kinds.depth(cfg.model) + 1):
+        pretrain = stages[f"pretrain_layer{k}"]
+        pretrain.stage.training_data(experiment, pretrain.settings)
+        pretrain.stage.keep(experiment, pretrain.stage.model(experiment, pretrain.settings),
+                            pretrain.settings)
+        stack = StackedNet.from_autoencoders(experiment.autoencoders, None)
+        for x, codes in zip((data.train_x, data.val_x, data.test_x), experiment.layer_codes,
+                            strict=True):
+            assert torch.equal(codes, in_chunks(stack.codes, x))
+        probe = stages["probe" if k == kinds.depth(cfg.model) else f"probe_layer{k}"]
+        x, _, val_x, _ = probe.stage.training_data(experiment, probe.settings)
+        train_x, _, labelled_val_x, _ = experiment.labelled()
+        assert torch.equal(x, in_chunks(stack.codes, train_x))
+        assert torch.equal(val_x, in_chunks(stack.codes, labelled_val_x))

@@ -161,10 +161,11 @@ class PretrainLayer(Stage):
         data = experiment.data
         if self.k == 1:
             experiment.layer_inputs = (data.train_x, data.val_x, data.test_x)
-        else:  # the codes of the layer below, as this layer is to learn them
-            below = experiment.autoencoders[-1]
-            code = below.encode if settings.pretrain.codes == Codes.activation else below.encoder
-            experiment.layer_inputs = tuple(in_chunks(code, x) for x in experiment.layer_inputs)
+        elif settings.pretrain.codes == Codes.activation:  # the codes of the layer below
+            experiment.layer_inputs = experiment.layer_codes
+        else:  # or its pre-activations, as this layer is to learn them
+            below = experiment.autoencoders[-1].encoder
+            experiment.layer_inputs = tuple(in_chunks(below, x) for x in experiment.layer_inputs)
         train, val = experiment.layer_inputs[:2]
         if settings.pretrain.noise.validation:  # one fixed corrupted copy: the denoising target
             with torch.random.fork_rng(devices=[]):
@@ -198,7 +199,10 @@ class PretrainLayer(Stage):
                                  noise_level=self.level(settings))
 
     def keep(self, experiment: Experiment, model: LayerAutoEncoder, settings: View) -> None:
+        """Hands on the autoencoder and its codes of every split, computed once: its metrics,
+        its probe and the next layer read them (a finished run read back has no inputs)."""
         experiment.autoencoders.append(model.eval())
+        experiment.layer_codes = tuple(in_chunks(model.encode, x) for x in experiment.layer_inputs)
 
     def metrics(self, experiment: Experiment, module: StageModule, settings: View) -> dict:
         """Sizes and shape of its codes, noise level, the reconstruction MSE per value on each
@@ -209,17 +213,18 @@ class PretrainLayer(Stage):
         d_in, d_out = ae.sizes
         out = {"in": d_in, "out": d_out, "shape": list(ae.shapes[1]),
                "noise_level": module.noise_level}
-        for split, x in zip(("train", "val", "test"), experiment.layer_inputs, strict=True):
-            if len(x):
-                errors, counts = zip(*(module.evaluate(part) for part in x.split(CHUNK)),
+        inputs = [list(zip(x.split(CHUNK), codes.split(CHUNK), strict=True)) if len(x) else []
+                  for x, codes in zip(experiment.layer_inputs, experiment.layer_codes, strict=True)]
+        for split, parts in zip(("train", "val", "test"), inputs, strict=True):
+            if parts:
+                errors, counts = zip(*(module.evaluate(x, codes=codes) for x, codes in parts),
                                      strict=True)
                 out[f"{split}_recon_mse"] = sum(map(float, errors)) / sum(map(float, counts))
-        val = experiment.layer_inputs[1]
-        if len(val):
+        val = inputs[1]
+        if val:
             with torch.no_grad():
-                out["val_contraction"] = sum(
-                    float(ae.contraction(part, ae.encode(part))) * len(part)
-                    for part in val.split(CHUNK)) / len(val)
+                out["val_contraction"] = (sum(float(ae.contraction(x, codes)) * len(x)
+                                              for x, codes in val) / sum(len(x) for x, _ in val))
         return out
 
     def weights(self, experiment: Experiment, settings: View) -> int:
@@ -252,13 +257,20 @@ class Probe(Stage):
     def training_data(self, experiment: Experiment, settings: View
                       ) -> tuple[torch.Tensor | None, ...]:
         x, y, val_x, val_y = experiment.labelled()
-        if self.top:  # one stack per split, as saelab 0.1 built them: building a stack draws
-            # initial weights, which come before the head's, so published numbers reproduce
-            codes = [in_chunks(self.stack(experiment).codes, images) for images in (x, val_x)]
-        else:
-            stack = self.stack(experiment)
-            codes = [in_chunks(stack.codes, images) for images in (x, val_x)]
+        # The top probe builds one stack per split, as saelab 0.1 did: building a stack draws
+        # initial weights, which come before the head's, so published numbers reproduce.
+        stack = self.stack(experiment)
+        val_stack = self.stack(experiment) if self.top else stack
+        codes = self.known_codes(experiment) or (in_chunks(stack.codes, x),
+                                                 in_chunks(val_stack.codes, val_x))
         return codes[0], y, codes[1], val_y
+
+    def known_codes(self, experiment: Experiment) -> tuple[torch.Tensor, ...]:
+        """Its codes of the labelled images where pretraining computed them already: every
+        image labelled (the same rows, in the same chunks, so the same numbers)."""
+        data = experiment.data
+        whole = data.labelled_train is None and data.labelled_val is None
+        return experiment.layer_codes[:2] if whole else ()
 
     def model(self, experiment: Experiment, settings: View) -> StackedNet:
         head = StackedNet([experiment.autoencoders[self.k - 1].sizes[1]], experiment.n_classes)
@@ -313,6 +325,9 @@ class ScratchProbe(Probe):
 
     def stack(self, experiment: Experiment) -> StackedNet:
         return initial_network(experiment).to(experiment.device)
+
+    def known_codes(self, experiment: Experiment) -> tuple[torch.Tensor, ...]:
+        return ()  # the random stack's codes are its own
 
     def model(self, experiment: Experiment, settings: View) -> StackedNet:
         head = StackedNet([experiment.autoencoders[-1].sizes[1]], experiment.n_classes)

@@ -23,6 +23,7 @@ class Experiment:
     autoencoders: list[LayerAutoEncoder] = field(default_factory=list)
     initial: list[dict] = field(default_factory=list)  # each encoder's initial weights
     layer_inputs: tuple[torch.Tensor, ...] = ()  # the train/val/test inputs of the last layer
+    layer_codes: tuple[torch.Tensor, ...] = ()  # and its codes of them, computed once
     networks: dict[str, StackedNet] = field(default_factory=dict)  # by stage name
     scores: dict[str, float | None] = field(default_factory=dict)  # validation accuracy
     head_init: dict | None = None  # the probe's head before training

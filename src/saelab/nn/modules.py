@@ -184,8 +184,9 @@ class AutoencoderModule(StageModule):
         codes = self.model.encode(x)
         return codes, self.model.decode(codes)
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.reconstruction_logits(x)[1]
+    def reconstruct(self, x: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """The reconstruction of `x`, from its `codes` where they are already known."""
+        out = self.reconstruction_logits(x)[1] if codes is None else self.model.decode(codes)
         return torch.sigmoid(out) if self.bce else out
 
     def loss(self, x: torch.Tensor, _y=None) -> torch.Tensor:
@@ -205,10 +206,11 @@ class AutoencoderModule(StageModule):
         return loss
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, clean: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Sum of squared errors of the reconstruction of `x` against `clean` (default: `x`
-        itself), and number of values."""
-        err = (self.reconstruct(x) - (x if clean is None else clean)).pow(2).sum()
+    def evaluate(self, x: torch.Tensor, clean: torch.Tensor | None = None,
+                 codes: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Sum of squared errors of the reconstruction of `x` (from its `codes`, where known)
+        against `clean` (default: `x` itself), and number of values."""
+        err = (self.reconstruct(x, codes) - (x if clean is None else clean)).pow(2).sum()
         return [err, torch.tensor(float(x.numel()), device=x.device)]
 
 

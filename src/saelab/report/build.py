@@ -130,7 +130,7 @@ def reconstruction_pictures(run, stack: StackedNet, samples) -> Iterator[Picture
         if k == 1:
             columns = [(f"input: {d_in} pixels", inputs, True), code,
                        (f"output: {d_in} pixels", recon, True)]
-            how = f"Each row: one test image. {gray} {maps if len(shape_out) == 3 else strips}"
+            how = f"Each row: one test image. {gray} {maps if is_maps(shape_out) else strips}"
         else:
             below = f"layer {k - 1} code{' before its activation' if linear else ''}"
             words = layer_words(shape_in)
@@ -139,7 +139,7 @@ def reconstruction_pictures(run, stack: StackedNet, samples) -> Iterator[Picture
                        (f"output: that input reconstructed, {words}", drawn(recon, shape_in),
                         False)]
             how = (f"Each row: one test image (at left, for orientation); this layer's input is "
-                   f"its {below}. {maps if len(shape_out) == 3 else strips} Input and output "
+                   f"its {below}. {maps if is_maps(shape_out) else strips} Input and output "
                    f"line up unit by unit.")
         yield Picture(f"layer{k}_reconstruction.png", f"pretrain/layer{k}/reconstruction",
                       f"Layer {k} autoencoder: input, code and reconstruction of test images",
@@ -162,9 +162,14 @@ def reconstruction_pictures(run, stack: StackedNet, samples) -> Iterator[Picture
                                   f"{len(aes)} to 1, then {then}. {gray}"))
 
 
+def is_maps(shape: tuple[int, ...]) -> bool:
+    """Whether a layer's codes are feature maps (channels, side, side) rather than a vector."""
+    return len(shape) == 3
+
+
 def layer_words(shape: tuple[int, ...]) -> str:
     """A layer's codes in words: `49 units`, or `32 maps of 14 × 14`."""
-    if len(shape) == 1:
+    if not is_maps(shape):
         return f"{shape[0]} units"
     channels, side, _ = shape
     return f"{channels} maps of {side} × {side} (0-{min(channels, MAPS) - 1} shown)"
@@ -172,7 +177,7 @@ def layer_words(shape: tuple[int, ...]) -> str:
 
 def drawn(codes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Codes as a reconstruction panel draws them: strips, or the first channels' maps."""
-    return vis.maps_row(codes, shape, MAPS) if len(shape) == 3 else codes
+    return vis.maps_row(codes, shape, MAPS) if is_maps(shape) else codes
 
 
 def decoders(k: int) -> str:
@@ -242,7 +247,7 @@ def feature_pictures(run, nets: dict[str, StackedNet],
 def pictured(ae) -> tuple[str, str]:
     """What a layer's tiles stand for, and how they are numbered: units of a dense layer;
     channels of a convolutional one, each by its unit at the centre of its map."""
-    if len(ae.shapes[1]) == 1:
+    if not is_maps(ae.shapes[1]):
         return "unit", vis.UNIT_NUMBERING.capitalize()
     return "channel", ("Channels are numbered from 0, channel c being map c of the layer's codes; "
                        "each is pictured by its unit at the centre of its map (the unit in "
@@ -252,7 +257,7 @@ def pictured(ae) -> tuple[str, str]:
 
 def why_noisy(run, ae) -> str:
     """Why the pretrained maximisers look like pixel noise beside the decoded features."""
-    if len(ae.shapes[1]) == 3:
+    if is_maps(ae.shapes[1]):
         return ("A channel's maximiser only moves the pixels its centre unit sees (its receptive "
                 "field, around the image's centre), mostly to the ends of the pixel range: "
                 "maximum pooling rewards the strongest response anywhere in each window, which a "
