@@ -223,6 +223,7 @@ def test_the_command_line_changes_the_search_space_as_the_sweeper_reads_it():
     (["-m", "trainer=ddp", "seed=0,1"], "trainer.strategy"),
     (["resume=/nonexistent/run"], "resume"),
     (["seed=0,1"], "seed"),
+    (["--cfg", "job", "-m", "seed=0,1"], "command line"),  # Hydra's own check: a traceback
     pytest.param(["hparams_search=optuna", "pretrain.epochs=range(5,5)"], "pretrain.epochs",
                  marks=pytest.mark.skipif(not installed("hydra_plugins.hydra_optuna_sweeper"),
                                           reason="needs the [sweep] extra")),

@@ -272,6 +272,12 @@ def main(argv: list[str] | None = None) -> None:
             return
         register()
         args = get_args_parser().parse_args(argv)
+        modes = [flag for flag, on in (("--run", args.run), ("--multirun", args.multirun),
+                                       ("--cfg", args.cfg),
+                                       ("--info", args.info),
+                                       ("--shell-completion", args.shell_completion)) if on]
+        if len(modes) > 1:  # Hydra would raise (a traceback): one line instead
+            raise ConfigError("command line", " ".join(modes), "one of these at a time")
         if not (args.hydra_help or args.shell_completion or args.info
                 or is_data_parallel_child()):
             checked, sweep = front_door(args.multirun, args.overrides)
