@@ -123,7 +123,7 @@ def blocks(m: dict) -> dict[str, str]:
     if "conv_mnist_seeds" in m:  # the preset over seeds: every stage in each job
         out["conv_mnist_seeds"] = study_table(m["conv_mnist_seeds"])
         out["conv_mnist_seeds_time"] = study_time(m["conv_mnist_seeds"], "")
-    for name in ("study_wide", "study_default"):
+    for name in ("study_wide", "study_default", "study_conv"):
         if name in m:
             out[name] = study_table(m[name])
             out[f"{name}_beside"] = study_table(m[name], "beside_test_acc")
