@@ -3,10 +3,13 @@ It takes either kind of stack (model.kind: dense, or conv with saelab's convolut
 
 Tensors in memory, index-sliced minibatches, no framework. It follows the composed config stage by
 stage with the same data (`load_splits`), networks, Adam, batch size, epochs, per-epoch cosine
-schedule and per-epoch validation keeping the best epoch: the pixel baseline, greedy pretraining
-with each layer's codes computed once and each layer below the top probed, the probe on the top
-codes, fine-tuning end to end, a probe on the initial (random) stack, and the same network trained
-from the encoders' initial weights and that head (scratch).
+schedule and per-epoch validation keeping the best check (the weights a stage starts from
+compete, as in saelab): the pixel baseline, greedy pretraining with each layer's codes computed
+once and each layer below the top probed, the probe on the top codes, fine-tuning end to end, a
+probe on the initial (random) stack, and the same network trained from the encoders' initial
+weights and that head (scratch). It measures what saelab's metrics.json reports, so that both do
+the same work: each classifier's validation and test accuracy, each autoencoder's reconstruction
+error on the three splits and its contraction on validation.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from saelab.config import kinds
+from saelab.data.batches import CHUNK
 from saelab.data.splits import load_splits
 from saelab.nn.evaluation import in_chunks, predict
 from saelab.nn.networks import AUTOENCODERS, StackedNet
@@ -28,8 +32,8 @@ from saelab.nn.networks import AUTOENCODERS, StackedNet
 
 def fit(model: nn.Module, loss_fn: Callable, score_fn: Callable, x: torch.Tensor,
         y: torch.Tensor | None, val: tuple, cfg, gen: torch.Generator) -> float:
-    """Train `model` for `cfg.epochs` and keep its best validation epoch (highest score);
-    returns the seconds spent."""
+    """Train `model` for `cfg.epochs` and keep its best validation check (highest score; the
+    first before training); returns the seconds spent."""
     if cfg.optimizer != "adam" or cfg.schedule != "cosine":
         raise ValueError("the plain loop mirrors the default config only (adam, cosine)")
     start = time.perf_counter()
@@ -37,7 +41,8 @@ def fit(model: nn.Module, loss_fn: Callable, score_fn: Callable, x: torch.Tensor
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                            fused=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs)
-    best, best_state = -math.inf, None
+    with torch.no_grad():
+        best, best_state = score_fn(*val), copy.deepcopy(model.state_dict())
     for _ in range(cfg.epochs):
         total = torch.zeros((), device=x.device)
         for idx in torch.randperm(len(x), generator=gen).to(x.device).split(cfg.batch_size):
@@ -65,6 +70,20 @@ def cross_entropy(model: nn.Module) -> Callable:
     return lambda x, y: F.cross_entropy(model(x), y)
 
 
+@torch.no_grad()
+def autoencoder_metrics(ae: nn.Module, inputs: tuple, codes: tuple) -> dict:
+    """What saelab reports of an autoencoder: its reconstruction MSE on each split (from the
+    codes already computed) and its contraction on the validation split."""
+    def chunks(x, h):
+        return zip(x.split(CHUNK), h.split(CHUNK), strict=True)
+
+    out = {split: sum(float((ae.decode(h) - x).pow(2).sum()) for x, h in chunks(x, h)) / x.numel()
+           for split, x, h in zip(("train", "val", "test"), inputs, codes, strict=True)}
+    out["contraction"] = sum(float(ae.contraction(x, h)) * len(x)
+                             for x, h in chunks(inputs[1], codes[1])) / len(inputs[1])
+    return out
+
+
 def run_plain(cfg, device: torch.device) -> dict:
     """The whole experiment; returns seconds per stage, the total and the test accuracies."""
     start = time.perf_counter()
@@ -72,19 +91,22 @@ def run_plain(cfg, device: torch.device) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     data = load_splits(cfg.data, cfg.seed, device)
     k, sizes = len(data.classes), kinds.sizes(cfg.model)
-    val = (data.val_x, data.val_y)
-    seconds, test_acc = {}, {}
+    images = (data.train_x, data.val_x, data.test_x)
+    seconds, val_acc, test_acc, autoencoder = {}, {}, {}, {}
 
-    def train_classifier(name: str, model: nn.Module, x: torch.Tensor, stage_val: tuple,
-                         cfg_stage) -> None:
-        seconds[name] = fit(model, cross_entropy(model), accuracy(model), x, data.train_y,
-                            stage_val, cfg_stage, gen)
+    def train_classifier(name: str, model: nn.Module, x: tuple, cfg_stage,
+                         measured: StackedNet | None = None) -> None:
+        """Fit `model` on `x` (train, val and test inputs) and measure it on them, or (the
+        random stack's probe, as saelab does) as the network `measured` it tops, on the images."""
+        seconds[name] = fit(model, cross_entropy(model), accuracy(model), x[0], data.train_y,
+                            (x[1], data.val_y), cfg_stage, gen)
+        measured, x = (model, x) if measured is None else (measured, images)
+        val_acc[name] = accuracy(measured)(x[1], data.val_y)
+        test_acc[name] = accuracy(measured)(x[2], data.test_y)
 
-    baseline = StackedNet(sizes[:1], k).to(device)
-    train_classifier("baseline", baseline, data.train_x, val, cfg.baseline)
-    test_acc["baseline"] = accuracy(baseline)(data.test_x, data.test_y)
+    train_classifier("baseline", StackedNet(sizes[:1], k).to(device), images, cfg.baseline)
 
-    autoencoders, initial, codes = [], [], (data.train_x, data.val_x)
+    autoencoders, initial, codes = [], [], images
     for i, d_out in enumerate(sizes[1:], start=1):
         ae = AUTOENCODERS[cfg.model.kind].of(cfg.model, i).to(device)
         initial.append(copy.deepcopy(ae))
@@ -93,29 +115,24 @@ def run_plain(cfg, device: torch.device) -> dict:
             lambda x, _y, ae=ae: -float(F.mse_loss(ae(x), x)), codes[0], None,
             (codes[1], None), cfg.pretrain, gen)
         autoencoders.append(ae.eval())
-        codes = tuple(in_chunks(ae.encode, c) for c in codes)
+        inputs, codes = codes, tuple(in_chunks(ae.encode, c) for c in codes)
+        autoencoder[f"pretrain_layer{i}"] = autoencoder_metrics(ae, inputs, codes)
         if i < len(sizes) - 1:  # each layer below the top is probed too
-            layer_head = StackedNet([d_out], k).to(device)
-            train_classifier(f"probe_layer{i}", layer_head, codes[0], (codes[1], data.val_y),
+            train_classifier(f"probe_layer{i}", StackedNet([d_out], k).to(device), codes,
                              cfg.probe)
 
     head = StackedNet(sizes[-1:], k).to(device)
     scratch = StackedNet.from_autoencoders(initial, k).to(device)
     scratch.head.load_state_dict(head.head.state_dict())
-    train_classifier("probe", head, codes[0], (codes[1], data.val_y), cfg.probe)
+    train_classifier("probe", head, codes, cfg.probe)
     probe = StackedNet.from_autoencoders(autoencoders, k).to(device)
     probe.head.load_state_dict(head.head.state_dict())
-    test_acc["probe"] = accuracy(probe)(data.test_x, data.test_y)
-
-    train_classifier("finetune", probe, data.train_x, val, cfg.finetune)
-    test_acc["finetune"] = accuracy(probe)(data.test_x, data.test_y)
+    train_classifier("finetune", probe, images, cfg.finetune)
 
     # Scratch's head: fitted on the frozen random stack's codes, as fine-tuning's on the
     # pretrained one's (model.head=probe).
-    random_codes = tuple(in_chunks(scratch.codes, x) for x in (data.train_x, data.val_x))
-    train_classifier("probe_scratch", scratch.head, random_codes[0], (random_codes[1], data.val_y),
-                     cfg.probe)
-    train_classifier("scratch", scratch, data.train_x, val, cfg.scratch)
-    test_acc["scratch"] = accuracy(scratch)(data.test_x, data.test_y)
+    random_codes = tuple(in_chunks(scratch.codes, x) for x in images[:2])  # measured on images
+    train_classifier("probe_scratch", scratch.head, random_codes, cfg.probe, scratch)
+    train_classifier("scratch", scratch, images, cfg.scratch)
     return {"stage_s": seconds, "total_s": time.perf_counter() - start, "test_acc": test_acc,
-            "n_train": len(data.train_y)}
+            "val_acc": val_acc, "autoencoders": autoencoder, "n_train": len(data.train_y)}

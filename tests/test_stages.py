@@ -16,6 +16,7 @@ import subprocess
 import sys
 from enum import StrEnum
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -198,12 +199,12 @@ def test_reading_the_registry_imports_no_lightning():
 @pytest.mark.parametrize("labels", [None, 3], ids=["every label", "3 labels per class"])
 def test_the_codes_pretraining_hands_on_are_the_frozen_stacks(micro_overrides, labels):
     """Each pretrained layer computes its codes of every split once (PretrainLayer.keep): the
-    next layer learns from them, its metrics decode them, and its probe reads them when every
-    image is labelled. They must be, bit for bit, what the frozen stack computes from the
-    pixels, as a probe computes them otherwise."""
+    next layer learns from them, its metrics decode them, and its probe trains on them and is
+    measured on them when every image is labelled. They must be, bit for bit, what the frozen
+    stack computes from the pixels, as a probe computes them otherwise."""
     from saelab.data.splits import load_splits
     from saelab.experiment.state import Experiment
-    from saelab.nn.evaluation import in_chunks
+    from saelab.nn.evaluation import classifier_metrics, in_chunks
     from saelab.nn.networks import StackedNet
 
     cfg = compose([*micro_overrides, f"data.labels_per_class={labels or 'null'}"])
@@ -224,3 +225,9 @@ def test_the_codes_pretraining_hands_on_are_the_frozen_stacks(micro_overrides, l
         train_x, _, labelled_val_x, _ = experiment.labelled()
         assert torch.equal(x, in_chunks(stack.codes, train_x))
         assert torch.equal(val_x, in_chunks(stack.codes, labelled_val_x))
+        # Its metrics read them too: its head on them measures what the whole network does.
+        head = probe.stage.model(experiment, probe.settings)
+        probe.stage.keep(experiment, head, probe.settings)
+        model, inputs = probe.stage.measured(experiment, SimpleNamespace(model=head))
+        network = experiment.networks[probe.stage.name]
+        assert classifier_metrics(model, data, inputs) == classifier_metrics(network, data)

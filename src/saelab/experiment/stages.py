@@ -91,9 +91,16 @@ class Stage:
 
     def metrics(self, experiment: Experiment, module: StageModule, settings: View) -> dict:
         """Its entry in metrics.json (the recipe adds its time, history and origin)."""
-        out = classifier_metrics(experiment.networks[self.name], experiment.data)
+        model, inputs = self.measured(experiment, module)
+        out = classifier_metrics(model, experiment.data, inputs)
         experiment.scores[self.name] = out.get("val_acc")
         return out
+
+    def measured(self, experiment: Experiment, module: StageModule
+                 ) -> tuple[torch.nn.Module, tuple | None]:
+        """The network its metrics measure, and what it reads of the labelled validation and the
+        test images (None: the images)."""
+        return experiment.networks[self.name], None
 
     def weights(self, experiment: Experiment, settings: View) -> int:
         """Weights of the network it trains: its work per sample, for time estimates."""
@@ -266,11 +273,19 @@ class Probe(Stage):
         return codes[0], y, codes[1], val_y
 
     def known_codes(self, experiment: Experiment) -> tuple[torch.Tensor, ...]:
-        """Its codes of the labelled images where pretraining computed them already: every
-        image labelled (the same rows, in the same chunks, so the same numbers)."""
+        """Its codes of the labelled train, validation and test images where pretraining computed
+        them already: every image labelled (the same rows, in the same chunks, so the same
+        numbers as its frozen stack's)."""
         data = experiment.data
         whole = data.labelled_train is None and data.labelled_val is None
-        return experiment.layer_codes[:2] if whole else ()
+        return experiment.layer_codes if whole else ()
+
+    def measured(self, experiment: Experiment, module: StageModule
+                 ) -> tuple[torch.nn.Module, tuple | None]:
+        """Its head on the known codes (the whole network's numbers, without its stack's
+        forward pass over the images again), else the network on the images."""
+        codes = self.known_codes(experiment)
+        return (module.model, codes[1:]) if codes else super().measured(experiment, module)
 
     def model(self, experiment: Experiment, settings: View) -> StackedNet:
         head = StackedNet([experiment.autoencoders[self.k - 1].sizes[1]], experiment.n_classes)

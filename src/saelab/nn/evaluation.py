@@ -22,13 +22,15 @@ def confusion_matrix(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int)
     return torch.bincount(y * k + pred, minlength=k * k).reshape(k, k).cpu()
 
 
-def classifier_metrics(model: nn.Module, splits) -> dict:
+def classifier_metrics(model: nn.Module, splits, inputs: tuple | None = None) -> dict:
     """Test accuracy, validation accuracy (on the labelled validation images, which selected the
-    epoch), per-class test accuracy and the confusion matrix."""
+    epoch), per-class test accuracy and the confusion matrix. `inputs`: what `model` reads of the
+    labelled validation and the test images, where not the images themselves."""
     k = len(splits.classes)
-    cm = confusion_matrix(model, splits.test_x, splits.test_y, k)
-    out = {"test_acc": float(cm.diag().sum() / cm.sum())}
     val_x, val_y = splits.labelled("val")
+    val_x, test_x = (val_x, splits.test_x) if inputs is None else inputs
+    cm = confusion_matrix(model, test_x, splits.test_y, k)
+    out = {"test_acc": float(cm.diag().sum() / cm.sum())}
     if len(val_y):
         out["val_acc"] = float((predict(model, val_x) == val_y).float().mean())
     per_class = cm.diag().double() / cm.sum(1).clamp(min=1)
