@@ -197,17 +197,20 @@ def test_reading_the_registry_imports_no_lightning():
 
 @KINDS
 @pytest.mark.parametrize("labels", [None, 3], ids=["every label", "3 labels per class"])
-def test_the_codes_pretraining_hands_on_are_the_frozen_stacks(micro_overrides, labels):
+@pytest.mark.parametrize("codes", ["activation", "pre_activation"])
+def test_the_codes_pretraining_hands_on_are_the_frozen_stacks(micro_overrides, labels, codes):
     """Each pretrained layer computes its codes of every split once (PretrainLayer.keep): the
     next layer learns from them, its metrics decode them, and its probe trains on them and is
     measured on them when every image is labelled. They must be, bit for bit, what the frozen
-    stack computes from the pixels, as a probe computes them otherwise."""
+    stack computes from the pixels, as a probe computes them otherwise; above a layer that
+    learnt the pre-activations below it they are not, and none are handed on as the stack's."""
     from saelab.data.splits import load_splits
     from saelab.experiment.state import Experiment
     from saelab.nn.evaluation import classifier_metrics, in_chunks
     from saelab.nn.networks import StackedNet
 
-    cfg = compose([*micro_overrides, f"data.labels_per_class={labels or 'null'}"])
+    cfg = compose([*micro_overrides, f"data.labels_per_class={labels or 'null'}",
+                   f"pretrain.codes={codes}"])
     data = load_splits(cfg.data, cfg.seed, "cpu")
     experiment = Experiment(cfg, torch.device("cpu"), data)
     stages = fingerprinted(cfg, data.checksums)
@@ -217,9 +220,13 @@ def test_the_codes_pretraining_hands_on_are_the_frozen_stacks(micro_overrides, l
         pretrain.stage.keep(experiment, pretrain.stage.model(experiment, pretrain.settings),
                             pretrain.settings)
         stack = StackedNet.from_autoencoders(experiment.autoencoders, None)
-        for x, codes in zip((data.train_x, data.val_x, data.test_x), experiment.layer_codes,
-                            strict=True):
-            assert torch.equal(codes, in_chunks(stack.codes, x))
+        stack_codes = [in_chunks(stack.codes, x) for x in (data.train_x, data.val_x, data.test_x)]
+        if k == 1 or codes == "activation":
+            for ours, its in zip(experiment.stack_codes, stack_codes, strict=True):
+                assert torch.equal(ours, its)
+        else:
+            assert not torch.equal(experiment.layer_codes[0], stack_codes[0])
+            assert experiment.stack_codes == ()
         probe = stages["probe" if k == kinds.depth(cfg.model) else f"probe_layer{k}"]
         x, _, val_x, _ = probe.stage.training_data(experiment, probe.settings)
         train_x, _, labelled_val_x, _ = experiment.labelled()

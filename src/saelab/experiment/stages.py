@@ -210,6 +210,10 @@ class PretrainLayer(Stage):
         its probe and the next layer read them (a finished run read back has no inputs)."""
         experiment.autoencoders.append(model.eval())
         experiment.layer_codes = tuple(in_chunks(model.encode, x) for x in experiment.layer_inputs)
+        # They are the frozen stack's codes where every layer learnt from the codes below it;
+        # above a layer that learnt pre-activations, the stack's codes are not what it computed.
+        stacked = self.k == 1 or settings.pretrain.codes == Codes.activation
+        experiment.stack_codes = experiment.layer_codes if stacked else ()
 
     def metrics(self, experiment: Experiment, module: StageModule, settings: View) -> dict:
         """Sizes and shape of its codes, noise level, the reconstruction MSE per value on each
@@ -274,11 +278,11 @@ class Probe(Stage):
 
     def known_codes(self, experiment: Experiment) -> tuple[torch.Tensor, ...]:
         """Its codes of the labelled train, validation and test images where pretraining computed
-        them already: every image labelled (the same rows, in the same chunks, so the same
-        numbers as its frozen stack's)."""
+        them already as its frozen stack's, and every image is labelled (the same rows, in the
+        same chunks, so the same numbers as its frozen stack's)."""
         data = experiment.data
         whole = data.labelled_train is None and data.labelled_val is None
-        return experiment.layer_codes if whole else ()
+        return experiment.stack_codes if whole else ()
 
     def measured(self, experiment: Experiment, module: StageModule
                  ) -> tuple[torch.nn.Module, tuple | None]:

@@ -24,6 +24,7 @@ class Experiment:
     initial: list[dict] = field(default_factory=list)  # each encoder's initial weights
     layer_inputs: tuple[torch.Tensor, ...] = ()  # the train/val/test inputs of the last layer
     layer_codes: tuple[torch.Tensor, ...] = ()  # and its codes of them, computed once
+    stack_codes: tuple[torch.Tensor, ...] = ()  # the same, where they are the frozen stack's
     networks: dict[str, StackedNet] = field(default_factory=dict)  # by stage name
     scores: dict[str, float | None] = field(default_factory=dict)  # validation accuracy
     head_init: dict | None = None  # the probe's head before training
